@@ -1,0 +1,93 @@
+"""The exception tree callers catch at the level they care about.
+
+``OrchestratorError``
+  ``InputError``            bad manifest or dataset: exit 2, nothing sent
+  ``GatewayError``          anything the gateway or storage host answered badly
+    ``RetryableError``      429, 5xx, timeouts, dropped connections: try again later
+    ``PermanentError``      400/401/403/404/409/422, ``success: false``: do not retry
+      ``AuthError``         401/403 from the gateway
+      ``NotFoundError``     404
+      ``ConflictError``     409: the call is out of order for the object's state
+  ``UploadError``           the storage host refused or corrupted an upload
+"""
+
+from __future__ import annotations
+
+
+class OrchestratorError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class InputError(OrchestratorError):
+    """Malformed user input (manifest, dataset, flags). Rendered as one line, exit 2."""
+
+
+class StateLockedError(OrchestratorError):
+    """Another engine owns the state file."""
+
+
+class GatewayError(OrchestratorError):
+    """A call to the gateway (or storage host) did not succeed.
+
+    ``endpoint`` is the logical call (``create_dataset``), never a URL with a query string,
+    and the message never contains the API key: the client scrubs it before raising.
+    """
+
+    def __init__(self, endpoint: str, message: str, status: int | None = None) -> None:
+        self.endpoint = endpoint
+        self.status = status
+        self.message = message
+        where = f"{endpoint}: HTTP {status}" if status is not None else endpoint
+        super().__init__(f"{where}: {message}")
+
+
+class RetryableError(GatewayError):
+    """Worth trying again: rate limits, server errors, timeouts, dropped connections."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        message: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(endpoint, message, status)
+        self.retry_after = retry_after
+
+
+class PermanentError(GatewayError):
+    """Trying again with the same request cannot help."""
+
+
+class AuthError(PermanentError):
+    """The gateway refused the API key."""
+
+
+class NotFoundError(PermanentError):
+    """The object does not exist on the gateway."""
+
+
+class ConflictError(PermanentError):
+    """The call is out of order for the object's current state."""
+
+
+class UploadError(OrchestratorError):
+    """An upload to the signed URL failed in a way retrying the same URL cannot fix."""
+
+    def __init__(self, message: str, *, expired: bool = False) -> None:
+        super().__init__(message)
+        self.expired = expired
+
+
+def permanent_for_status(status: int) -> type[PermanentError]:
+    """The most specific permanent error class for an HTTP status."""
+    if status in (401, 403):
+        return AuthError
+    if status == 404:
+        return NotFoundError
+    if status == 409:
+        return ConflictError
+    return PermanentError
+
+
+RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})

@@ -1,0 +1,394 @@
+"""The HTTP contract with the fine-tuning gateway: endpoints, bodies, envelope, errors.
+
+Everything that knows a path, a header name or a field of the gateway's JSON lives
+here. One method per documented call. Each endpoint says whether it may be retried
+blindly: reads and PUTs may; the two creates only when an ``Idempotency-Key`` is sent;
+``/start`` never (the lifecycle observes the finetune instead, see ``lifecycle``).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
+from urllib.parse import quote
+
+import anyio
+import httpx
+import tenacity
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.alias_generators import to_camel
+
+from orchestrator.errors import (
+    RETRYABLE_STATUSES,
+    GatewayError,
+    PermanentError,
+    RetryableError,
+    permanent_for_status,
+)
+from orchestrator.retry import parse_retry_after
+from orchestrator.settings import ClientSettings
+
+API_KEY_HEADER = "x-portkey-api-key"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+# --------------------------------------------------------------------------- models
+
+
+class GatewayModel(BaseModel):
+    """Accepts camelCase and snake_case, keeps fields we do not know yet."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        validate_by_name=True,
+        validate_by_alias=True,
+        extra="allow",
+    )
+
+
+class CreatedDataset(GatewayModel):
+    id: str
+    signed_url: str
+
+
+class Dataset(GatewayModel):
+    id: str
+    name: str | None = None
+    s3_path: str | None = None
+    status: str | None = None
+    type: str | None = None
+
+
+class CreatedFinetune(GatewayModel):
+    id: str
+
+
+class Finetune(GatewayModel):
+    id: str
+    name: str | None = None
+    status: str | None = None
+    slug: str | None = None
+    training_dataset_id: str | None = None
+    validation_dataset_id: str | None = None
+    hyperparameters: dict[str, Any] | None = None
+    provider_finetune_id: str | None = None
+    created_at: str | None = None
+    last_updated_at: str | None = None
+    metadata: dict[str, Any] | None = None
+    training_dataset: Dataset | None = None
+    error: str | None = None
+
+    def failure_message(self) -> str | None:
+        """The gateway's words on why validation or training failed, wherever it put them."""
+        extra = self.model_extra or {}
+        for candidate in (
+            self.error,
+            extra.get("errorMessage"),
+            extra.get("statusMessage"),
+            extra.get("message"),
+            (self.metadata or {}).get("error"),
+        ):
+            if isinstance(candidate, str) and candidate:
+                return candidate
+        return None
+
+
+# ------------------------------------------------------------------------ endpoints
+
+M = TypeVar("M", bound=GatewayModel)
+
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    method: str
+    path: str
+    retry_blindly: bool  # safe to repeat after a lost response without observing first
+
+
+CREATE_DATASET = Endpoint("create_dataset", "POST", "/v1/datasets", retry_blindly=False)
+UPDATE_DATASET = Endpoint("update_dataset", "PUT", "/v1/datasets/{id}", retry_blindly=True)
+GET_DATASET = Endpoint("get_dataset", "GET", "/v1/datasets/{id}", retry_blindly=True)
+CREATE_FINETUNE = Endpoint("create_finetune", "POST", "/v1/finetune", retry_blindly=False)
+UPDATE_FINETUNE = Endpoint("update_finetune", "PUT", "/v1/finetune/{id}", retry_blindly=True)
+START_VALIDATION = Endpoint(
+    "start_validation", "POST", "/v1/finetune/{id}/validation/start", retry_blindly=True
+)
+START_FINETUNE = Endpoint("start_finetune", "POST", "/v1/finetune/{id}/start", retry_blindly=False)
+CANCEL_FINETUNE = Endpoint(
+    "cancel_finetune", "POST", "/v1/finetune/{id}/cancel", retry_blindly=True
+)
+GET_FINETUNE = Endpoint("get_finetune", "GET", "/v1/finetune/{id}", retry_blindly=True)
+
+ENDPOINTS = (
+    CREATE_DATASET,
+    UPDATE_DATASET,
+    GET_DATASET,
+    CREATE_FINETUNE,
+    UPDATE_FINETUNE,
+    START_VALIDATION,
+    START_FINETUNE,
+    CANCEL_FINETUNE,
+    GET_FINETUNE,
+)
+
+
+class CallObserver(Protocol):
+    """Told about every HTTP attempt, for metrics. ``status`` is None on a transport error."""
+
+    def gateway_call(self, endpoint: str, status: int | None, seconds: float) -> None: ...
+
+    def gateway_retry(self, endpoint: str) -> None: ...
+
+
+class RateLimiter:
+    """At most ``rate`` acquisitions per second, spaced evenly (no bursts)."""
+
+    def __init__(self, rate: float) -> None:
+        self._interval = 1.0 / rate
+        self._next = 0.0
+        self._lock = anyio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            now = time.monotonic()
+            wait = self._next - now
+            self._next = max(now, self._next) + self._interval
+        if wait > 0:
+            await anyio.sleep(wait)
+
+
+def scrub(text: str, secret: str) -> str:
+    return text.replace(secret, "***") if secret else text
+
+
+# --------------------------------------------------------------------------- client
+
+
+class GatewayClient:
+    """Async client for the fine-tuning gateway. Use as an async context manager."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        settings: ClientSettings | None = None,
+        *,
+        observer: CallObserver | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings or ClientSettings()
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._observer = observer
+        self._rng = rng or random.Random()
+        self._limiter = (
+            RateLimiter(self.settings.requests_per_second)
+            if self.settings.requests_per_second
+            else None
+        )
+        s = self.settings
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers={API_KEY_HEADER: api_key},
+            timeout=httpx.Timeout(
+                connect=s.connect_timeout, read=s.read_timeout, write=s.write_timeout,
+                pool=s.pool_timeout,
+            ),
+            limits=httpx.Limits(
+                max_connections=s.max_connections, max_keepalive_connections=s.max_keepalive
+            ),
+            follow_redirects=False,
+        )
+
+    async def __aenter__(self) -> GatewayClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ------------------------------------------------------------- documented calls
+
+    async def create_dataset(
+        self, name: str, provider: str, model: str, *, idempotency_key: str | None = None
+    ) -> CreatedDataset:
+        body = {"name": name, "provider": provider, "model": model, "type": "training"}
+        data = await self._call(CREATE_DATASET, json=body, idempotency_key=idempotency_key)
+        return self._parse(CREATE_DATASET, CreatedDataset, data)
+
+    async def update_dataset(self, dataset_id: str, s3_path: str) -> None:
+        await self._call(UPDATE_DATASET, dataset_id, json={"s3_path": s3_path})
+
+    async def get_dataset(self, dataset_id: str) -> Dataset:
+        return self._parse(GET_DATASET, Dataset, await self._call(GET_DATASET, dataset_id))
+
+    async def create_finetune(
+        self,
+        name: str,
+        virtual_key: str,
+        provider: str,
+        model: str,
+        hyperparameters: dict[str, Any],
+        *,
+        idempotency_key: str | None = None,
+    ) -> CreatedFinetune:
+        body = {
+            "name": name,
+            "virtual_key": virtual_key,
+            "provider": provider,
+            "model": model,
+            "hyperparameters": hyperparameters,
+        }
+        data = await self._call(CREATE_FINETUNE, json=body, idempotency_key=idempotency_key)
+        return self._parse(CREATE_FINETUNE, CreatedFinetune, data)
+
+    async def update_finetune(self, finetune_id: str, training_dataset_id: str) -> None:
+        await self._call(
+            UPDATE_FINETUNE, finetune_id, json={"training_dataset_id": training_dataset_id}
+        )
+
+    async def start_validation(self, finetune_id: str) -> None:
+        await self._call(START_VALIDATION, finetune_id)
+
+    async def start_finetune(self, finetune_id: str, override_model: str | None = None) -> None:
+        """Not retried: a lost response must be resolved by observing the finetune."""
+        body = {"override_model": override_model} if override_model else None
+        await self._call(START_FINETUNE, finetune_id, json=body)
+
+    async def cancel_finetune(self, finetune_id: str) -> None:
+        await self._call(CANCEL_FINETUNE, finetune_id)
+
+    async def get_finetune(self, finetune_id: str) -> Finetune:
+        return self._parse(GET_FINETUNE, Finetune, await self._call(GET_FINETUNE, finetune_id))
+
+    # ---------------------------------------------------------------- the machinery
+
+    async def _call(
+        self,
+        endpoint: Endpoint,
+        object_id: str | None = None,
+        *,
+        json: dict[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> Any:
+        path = endpoint.path.format(id=quote(object_id, safe="")) if object_id else endpoint.path
+        headers = {IDEMPOTENCY_HEADER: idempotency_key} if idempotency_key else {}
+        retry_allowed = endpoint.retry_blindly or idempotency_key is not None
+        if not retry_allowed:
+            return await self._attempt(endpoint, path, json, headers)
+
+        def note_retry(_: tenacity.RetryCallState) -> None:
+            if self._observer:
+                self._observer.gateway_retry(endpoint.name)
+
+        async for attempt in tenacity.AsyncRetrying(
+            **self.settings.retry.tenacity_kwargs(rng=self._rng, before_sleep=note_retry)
+        ):
+            with attempt:
+                return await self._attempt(endpoint, path, json, headers)
+        raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+
+    async def _attempt(
+        self,
+        endpoint: Endpoint,
+        path: str,
+        json: dict[str, Any] | None,
+        headers: dict[str, str],
+    ) -> Any:
+        if self._limiter:
+            await self._limiter.acquire()
+        started = time.monotonic()
+        try:
+            if json is None:
+                response = await self._http.request(endpoint.method, path, headers=headers)
+            else:
+                response = await self._http.request(
+                    endpoint.method, path, json=json, headers=headers
+                )
+        except httpx.TimeoutException as exc:
+            self._observe(endpoint, None, started)
+            raise RetryableError(endpoint.name, self._describe(exc, "timed out")) from None
+        except httpx.TransportError as exc:
+            self._observe(endpoint, None, started)
+            raise RetryableError(endpoint.name, self._describe(exc, "connection failed")) from None
+        self._observe(endpoint, response.status_code, started)
+        return self._unwrap(endpoint, response)
+
+    def _observe(self, endpoint: Endpoint, status: int | None, started: float) -> None:
+        if self._observer:
+            self._observer.gateway_call(endpoint.name, status, time.monotonic() - started)
+
+    def _describe(self, exc: Exception, what: str) -> str:
+        detail = str(exc) or type(exc).__name__
+        return scrub(f"gateway {self.base_url} {what}: {detail}", self._api_key)
+
+    def _unwrap(self, endpoint: Endpoint, response: httpx.Response) -> Any:
+        status = response.status_code
+        try:
+            payload = response.json()
+        except ValueError:
+            payload = None
+        message = self._server_message(payload) or (response.text[:200] or response.reason_phrase)
+        message = scrub(message, self._api_key)
+        if status in RETRYABLE_STATUSES:
+            raise RetryableError(
+                endpoint.name,
+                message,
+                status,
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
+            )
+        if status >= 400:
+            raise permanent_for_status(status)(endpoint.name, message, status)
+        if not isinstance(payload, dict):
+            raise PermanentError(endpoint.name, "response is not a JSON envelope", status)
+        if payload.get("success") is False:
+            raise PermanentError(endpoint.name, message or "success: false", status)
+        return payload.get("data") or {}
+
+    @staticmethod
+    def _server_message(payload: Any) -> str | None:
+        if not isinstance(payload, dict):
+            return None
+        for source in (payload, payload.get("data"), payload.get("error")):
+            if isinstance(source, str) and source:
+                return source
+            if isinstance(source, dict):
+                for key in ("message", "error", "detail"):
+                    value = source.get(key)
+                    if isinstance(value, str) and value:
+                        return value
+        return None
+
+    def _parse(self, endpoint: Endpoint, model: type[M], data: Any) -> M:
+        try:
+            return model.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+            )
+            raise PermanentError(endpoint.name, f"unexpected response: {problems}") from None
+
+
+__all__ = [
+    "ENDPOINTS",
+    "CallObserver",
+    "CreatedDataset",
+    "CreatedFinetune",
+    "Dataset",
+    "Endpoint",
+    "Finetune",
+    "GatewayClient",
+    "GatewayError",
+]

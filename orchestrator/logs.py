@@ -1,0 +1,96 @@
+"""Logging: structlog configured once, with one redaction processor every event passes.
+
+The redactor removes the API key (and any other registered secret), the values of
+credential-like keys, and the query strings of signed URLs from every string in an
+event, exception text included. Call sites need not remember anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+_SIGNED_QUERY = re.compile(r"(https?://[^\s?\"'<>]+)\?[^\s\"'<>]*")
+_CREDENTIAL_KEYS = frozenset(
+    {"api_key", "x-portkey-api-key", "authorization", "proxy-authorization", "signed_url",
+     "idempotency_key_secret", "cookie", "set-cookie"}
+)
+REDACTED = "***"
+
+
+class Redactor:
+    """A structlog processor; ``add_secret`` registers values that must never be shown."""
+
+    def __init__(self) -> None:
+        self._secrets: set[str] = set()
+
+    def add_secret(self, value: str | None) -> None:
+        if value and len(value) >= 4:  # shorter values would shred ordinary words
+            self._secrets.add(value)
+
+    def text(self, value: str) -> str:
+        for secret in self._secrets:
+            if secret in value:
+                value = value.replace(secret, REDACTED)
+        if "?" in value and "://" in value:
+            value = _SIGNED_QUERY.sub(r"\1?<redacted>", value)
+        return value
+
+    def _clean(self, value: Any, key: str | None = None) -> Any:
+        if key is not None and key.lower() in _CREDENTIAL_KEYS and value:
+            return REDACTED
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, dict):
+            return {k: self._clean(v, str(k)) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self._clean(v) for v in value]
+        if isinstance(value, BaseException):
+            return self.text(f"{type(value).__name__}: {value}")
+        return value
+
+    def __call__(
+        self, logger: Any, method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for key in list(event):
+            event[key] = self._clean(event[key], key)
+        return event
+
+
+def configure_logging(
+    redactor: Redactor,
+    *,
+    json_lines: bool | None = None,
+    level: int = logging.INFO,
+    stream: TextIO | None = None,
+) -> None:
+    """JSON lines when not a terminal (or when asked), readable console output otherwise."""
+    stream = stream or sys.stderr
+    if json_lines is None:
+        json_lines = not stream.isatty()
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json_lines
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redactor,  # after exception formatting, so tracebacks are redacted too
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries that log through the stdlib (httpx logs full URLs at INFO) stay quiet.
+    for name in ("httpx", "httpcore", "aiohttp"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,87 @@
+"""One retry policy shape for every kind of waiting: API retries, upload restarts, polling.
+
+Temporal's shape: initial interval, coefficient, maximum interval, maximum attempts,
+plus full jitter; a server's ``Retry-After`` wins when it sends one. Retry loops
+themselves are tenacity's; this module only decides how long to wait.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import tenacity
+
+from orchestrator.errors import RetryableError
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    initial: float = 0.5
+    coefficient: float = 2.0
+    maximum: float = 30.0
+    max_attempts: int = 6
+    jitter: bool = True
+    # A server asking for more than this is treated as this: a hostile Retry-After must
+    # not park a job for hours.
+    max_retry_after: float = 120.0
+
+    def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Delay before retry number ``attempt`` (1-based), with full jitter."""
+        ceiling = min(self.maximum, self.initial * self.coefficient ** max(0, attempt - 1))
+        if not self.jitter:
+            return ceiling
+        return (rng or random).uniform(0.0, ceiling)
+
+    def delay(
+        self, attempt: int, retry_after: float | None, rng: random.Random | None = None
+    ) -> float:
+        if retry_after is not None:
+            return min(max(0.0, retry_after), self.max_retry_after)
+        return self.backoff(attempt, rng)
+
+    def tenacity_kwargs(
+        self,
+        *,
+        retry_on: Callable[[BaseException], bool] | None = None,
+        rng: random.Random | None = None,
+        before_sleep: Callable[[tenacity.RetryCallState], Any] | None = None,
+    ) -> dict[str, Any]:
+        """Arguments for ``tenacity.AsyncRetrying`` that follow this policy."""
+
+        def wait(state: tenacity.RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            retry_after = exc.retry_after if isinstance(exc, RetryableError) else None
+            return self.delay(state.attempt_number, retry_after, rng)
+
+        predicate = retry_on or (lambda exc: isinstance(exc, RetryableError))
+        return {
+            "stop": tenacity.stop_after_attempt(self.max_attempts),
+            "wait": wait,
+            "retry": tenacity.retry_if_exception(predicate),
+            "reraise": True,
+            "before_sleep": before_sleep,
+        }
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+    from datetime import datetime, timezone
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())

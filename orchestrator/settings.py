@@ -1,0 +1,76 @@
+"""Tunable settings, with the defaults an operator gets when they set nothing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from orchestrator.retry import RetryPolicy
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """How the gateway client talks HTTP."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    write_timeout: float = 60.0
+    pool_timeout: float = 60.0
+    max_connections: int = 64
+    max_keepalive: int = 32
+    requests_per_second: float | None = None  # None: no cap
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass(frozen=True)
+class UploadSettings:
+    """How datasets are streamed to the signed URL."""
+
+    concurrency: int = 4
+    block_size: int = 4 * 1024 * 1024
+    deadline: float = 6 * 3600.0  # whole-upload bound; httpx's write timeout is per block
+    retry: RetryPolicy = field(
+        default_factory=lambda: RetryPolicy(initial=1.0, maximum=30.0, max_attempts=5)
+    )
+    max_fresh_urls: int = 3  # expired signed URLs tolerated before the job fails
+
+
+@dataclass(frozen=True)
+class PollSettings:
+    """How validation and training are followed."""
+
+    initial: float = 2.0
+    coefficient: float = 1.5
+    maximum: float = 60.0
+    validation_deadline: float = 6 * 3600.0
+    training_deadline: float = 7 * 24 * 3600.0
+
+    def policy(self) -> RetryPolicy:
+        # Polls use half-jitter-free backoff: full jitter would poll early on average,
+        # costing GETs without finding news sooner.
+        return RetryPolicy(
+            initial=self.initial,
+            coefficient=self.coefficient,
+            maximum=self.maximum,
+            max_attempts=1_000_000,
+            jitter=False,
+        )
+
+
+@dataclass(frozen=True)
+class CheckSettings:
+    """Local dataset checks run before anything leaves the machine."""
+
+    min_examples: int = 10
+    long_example_chars: int = 200_000
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    api_concurrency: int = 32
+    poll_concurrency: int = 16
+    cancel_check_interval: float = 1.0
+    shutdown_grace: float = 10.0
+    client: ClientSettings = field(default_factory=ClientSettings)
+    upload: UploadSettings = field(default_factory=UploadSettings)
+    poll: PollSettings = field(default_factory=PollSettings)
+    check: CheckSettings = field(default_factory=CheckSettings)

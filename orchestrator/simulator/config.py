@@ -1,0 +1,47 @@
+"""Knobs of the gateway simulator: timings, faults, and the seed that makes faults repeatable."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+DEFAULT_API_KEY = "sim-secret-key"
+
+
+@dataclass
+class SimConfig:
+    api_key: str = DEFAULT_API_KEY
+    bucket: str = "finetune-datasets"
+    seed: int = 0
+    # Added to every gateway request: fixed part plus a uniform random part.
+    latency: float = 0.0
+    latency_jitter: float = 0.0
+    # Fault rates, each a probability per gateway request.
+    error_rate: float = 0.0  # 500/502/503
+    rate_limit_rate: float = 0.0  # 429 with Retry-After
+    retry_after: float = 0.2
+    drop_rate: float = 0.0  # connection dropped before the request is handled
+    lost_response_rate: float = 0.0  # handled, then the connection dropped
+    storage_error_rate: float = 0.0  # 500/503 from the upload route
+    # Lifecycle timings (seconds) and failure rates.
+    validation_seconds: float = 2.0
+    queue_seconds: float = 1.0
+    training_seconds: float = 5.0
+    validation_failure_rate: float = 0.0
+    training_failure_rate: float = 0.0
+    max_example_chars: int = 100_000  # longer examples fail validation, as providers do
+    url_ttl: int = 900  # signed URL lifetime
+    max_object_bytes: int = 5 * 1024**3
+
+    def update(self, changes: dict[str, Any]) -> None:
+        known = {f.name: f.type for f in fields(self)}
+        for name, value in changes.items():
+            if name not in known:
+                raise ValueError(f"unknown simulator setting: {name}")
+            current = getattr(self, name)
+            setattr(self, name, type(current)(value))
+
+    def public(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("api_key")
+        return data
