@@ -23,7 +23,10 @@ from pydantic.alias_generators import to_camel
 
 from orchestrator.errors import (
     RETRYABLE_STATUSES,
+    AuthError,
+    ConflictError,
     GatewayError,
+    NotFoundError,
     PermanentError,
     RetryableError,
     permanent_for_status,
@@ -192,6 +195,8 @@ class GatewayClient:
             else None
         )
         s = self.settings
+        # Waiting for a slot here has no deadline; waiting in httpx's pool would time out.
+        self._slots = anyio.CapacityLimiter(s.max_connections)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
             headers={API_KEY_HEADER: api_key},
@@ -273,6 +278,30 @@ class GatewayClient:
     async def get_finetune(self, finetune_id: str) -> Finetune:
         return self._parse(GET_FINETUNE, Finetune, await self._call(GET_FINETUNE, finetune_id))
 
+    async def probe(self, attempts: int = 3) -> None:
+        """GET a made-up finetune: proves the URL answers and the key is accepted.
+
+        Raises ``AuthError`` for a refused key and ``RetryableError`` only when no HTTP
+        answer came back at all; any other HTTP answer means the gateway is there.
+        """
+        path = GET_FINETUNE.path.format(id="orchestrator-preflight-probe")
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._attempt(GET_FINETUNE, path, None, {})
+                return
+            except RetryableError as exc:
+                if exc.status is not None:
+                    return
+                if attempt == attempts:
+                    raise
+                await anyio.sleep(0.2 * attempt)
+            except (NotFoundError, ConflictError):
+                return
+            except PermanentError as exc:
+                if isinstance(exc, AuthError):
+                    raise
+                return
+
     # ---------------------------------------------------------------- the machinery
 
     async def _call(
@@ -307,22 +336,22 @@ class GatewayClient:
         json: dict[str, Any] | None,
         headers: dict[str, str],
     ) -> Any:
-        if self._limiter:
-            await self._limiter.acquire()
-        started = time.monotonic()
-        try:
-            if json is None:
-                response = await self._http.request(endpoint.method, path, headers=headers)
-            else:
+        async with self._slots:
+            if self._limiter:
+                await self._limiter.acquire()
+            started = time.monotonic()
+            try:
                 response = await self._http.request(
                     endpoint.method, path, json=json, headers=headers
                 )
-        except httpx.TimeoutException as exc:
-            self._observe(endpoint, None, started)
-            raise RetryableError(endpoint.name, self._describe(exc, "timed out")) from None
-        except httpx.TransportError as exc:
-            self._observe(endpoint, None, started)
-            raise RetryableError(endpoint.name, self._describe(exc, "connection failed")) from None
+            except httpx.TimeoutException as exc:
+                self._observe(endpoint, None, started)
+                raise RetryableError(endpoint.name, self._describe(exc, "timed out")) from None
+            except httpx.TransportError as exc:
+                self._observe(endpoint, None, started)
+                raise RetryableError(
+                    endpoint.name, self._describe(exc, "connection failed")
+                ) from None
         self._observe(endpoint, response.status_code, started)
         return self._unwrap(endpoint, response)
 

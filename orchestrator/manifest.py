@@ -130,6 +130,7 @@ class JobSpec:
     dataset_path: Path | None
     s3_key: str | None
     line: int = 0
+    manifest: str = ""  # the manifest file it came from
 
     @property
     def dataset_name(self) -> str:
@@ -339,7 +340,8 @@ def _validate(
             raise fail(at, "needs exactly one of 'dataset' (a local file) or 's3_key'")
         dataset_path = None
         if job.dataset is not None:
-            dataset_path = (path.parent / job.dataset).resolve()
+            # Relative to the manifest's folder; kept as the user would write it in messages.
+            dataset_path = Path(os.path.normpath(path.parent / job.dataset))
             if not dataset_path.exists():
                 raise fail((*at, "dataset"), f"file not found: {job.dataset}")
             if not dataset_path.is_file():
@@ -359,6 +361,7 @@ def _validate(
                 dataset_path=dataset_path,
                 s3_key=job.s3_key.lstrip("/") if job.s3_key else None,
                 line=lines.get(at, 0),
+                manifest=str(path),
             )
         )
     statuses = default_status_map()

@@ -61,7 +61,7 @@ class CheckSettings:
     """Local dataset checks run before anything leaves the machine."""
 
     min_examples: int = 10
-    long_example_chars: int = 200_000
+    long_example_chars: int = 64_000
 
 
 @dataclass(frozen=True)

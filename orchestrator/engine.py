@@ -1,0 +1,230 @@
+"""The engine: many lifecycles at once in one task group, each advancing on its own.
+
+The batch command and the daemon both use it; ``run_batch`` simply returns when every
+job it was given has reached its goal (arq's burst mode). Cancel requests come from
+the store (the control plane), checked between steps and during every wait.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import anyio
+import structlog
+
+from orchestrator import lifecycle
+from orchestrator.errors import AuthError, GatewayError, RetryableError, UploadError
+from orchestrator.lifecycle import JobRun, Lifecycle
+from orchestrator.plan import Action, PlannedJob
+from orchestrator.retry import RetryPolicy
+from orchestrator.states import JobRecord, State, Transition
+
+log = structlog.get_logger("engine")
+
+STEP_RETRY = RetryPolicy(initial=1.0, coefficient=2.0, maximum=60.0, max_attempts=10)
+
+
+@dataclass
+class RunSummary:
+    states: dict[str, State] = field(default_factory=dict)
+    changed: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    fatal: str | None = None
+
+    def counts(self) -> Counter[str]:
+        return Counter(state.value for state in self.states.values())
+
+    def exit_code(self, until: str) -> int:
+        if self.fatal:
+            return 2
+        if self.interrupted:
+            return 130
+        goal_reached = (
+            (lambda s: s is State.SUCCEEDED or s is State.TRAINING)
+            if until == "submitted"
+            else (lambda s: s is State.SUCCEEDED)
+        )
+        ok = all(goal_reached(s) for s in self.states.values()) and not self.changed
+        return 0 if ok else 1
+
+
+class Engine:
+    def __init__(
+        self,
+        lc: Lifecycle,
+        *,
+        until: str = "done",
+        step_retry: RetryPolicy = STEP_RETRY,
+    ) -> None:
+        self.lc = lc
+        self.until = until
+        self.step_retry = step_retry
+        self.runs: dict[str, JobRun] = {}
+        self.stopping = False
+        self.fatal: str | None = None
+        self.last_tick = time.monotonic()  # the daemon's health check reads it
+
+    # ----------------------------------------------------------------- control
+
+    def stop(self) -> None:
+        """Take no new steps; in-flight calls finish, every run returns at its next check."""
+        self.stopping = True
+        for run in self.runs.values():
+            run.wake.set()
+
+    async def watch_cancels(self) -> None:
+        """Forever: turn cancel requests in the store into wake-ups of the affected runs."""
+        interval = self.lc.settings.cancel_check_interval
+        while True:
+            self.last_tick = time.monotonic()
+            requested = await self.lc.store.cancel_requests()
+            for name in requested:
+                run = self.runs.get(name)
+                if run is not None and not run.cancel_requested:
+                    run.cancel_requested = True
+                    run.wake.set()
+            await anyio.sleep(interval)
+
+    # ------------------------------------------------------------------ batches
+
+    async def run_batch(self, planned: Iterable[PlannedJob]) -> RunSummary:
+        summary = RunSummary()
+        runs = await self.admit(planned, summary)
+        async with anyio.create_task_group() as outer:
+            outer.start_soon(self.watch_cancels)
+            async with anyio.create_task_group() as jobs:
+                for run in runs:
+                    jobs.start_soon(self.drive, run)
+            outer.cancel_scope.cancel()
+        for run in runs:
+            summary.states[run.record.name] = run.record.state
+        summary.interrupted = self.stopping and not self.fatal and any(
+            not self._done(run.record.state) for run in runs
+        )
+        summary.fatal = self.fatal
+        return summary
+
+    async def admit(self, planned: Iterable[PlannedJob], summary: RunSummary) -> list[JobRun]:
+        """Apply each plan to the store; return the runs to drive."""
+        runs: list[JobRun] = []
+        for plan in planned:
+            record = await self._apply(plan)
+            if plan.action is Action.CHANGED:
+                summary.changed.append(plan.spec.name)
+                log.warning("spec changed; left alone (use --replace)", job=plan.spec.name,
+                            state=record.state.value if record else None)
+            if record is None:
+                continue
+            run = JobRun(plan.spec, record, plan.report)
+            if not self._done(record.state) and plan.action is not Action.CHANGED:
+                self.runs[plan.spec.name] = run
+                runs.append(run)
+            else:
+                summary.states[record.name] = record.state
+        return runs
+
+    async def _apply(self, plan: PlannedJob) -> JobRecord | None:
+        spec, old = plan.spec, plan.record
+        store = self.lc.store
+        sha = plan.report.sha256 if plan.report else None
+        if plan.action is Action.CREATE:
+            record = JobRecord(
+                name=spec.name, fingerprint=plan.fingerprint, manifest=plan.spec.manifest,
+                base_url=self.lc.client.base_url, content_sha256=sha,
+            )
+            await store.save(record, Transition(spec.name, None, State.PENDING, record.created_at))
+            return record
+        if plan.action is Action.INVALID:
+            assert plan.report is not None
+            base = old or JobRecord(
+                name=spec.name, fingerprint=plan.fingerprint, manifest=plan.spec.manifest,
+                base_url=self.lc.client.base_url,
+            )
+            record = base.evolve(state=State.FAILED, fingerprint=plan.fingerprint,
+                                 content_sha256=sha, error=plan.report.summary())
+            await store.save(record, Transition(spec.name, old.state if old else None,
+                                                State.FAILED, record.updated_at, "invalid dataset"))
+            return record
+        if plan.action in (Action.RETRY, Action.REPLACE):
+            assert old is not None
+            if not old.state.terminal:  # replacing a job in flight: cancel it first
+                run = JobRun(spec, old, plan.report)
+                await lifecycle.cancel_job(self.lc, run)
+                old = run.record
+            await store.clear_cancel(spec.name)
+            record = JobRecord(
+                name=spec.name, fingerprint=plan.fingerprint, manifest=plan.spec.manifest,
+                base_url=self.lc.client.base_url, content_sha256=sha, attempt=old.attempt + 1,
+                abandoned_datasets=old.abandoned_datasets, created_at=old.created_at,
+            )
+            await store.save(record, Transition(spec.name, old.state, State.PENDING,
+                                                record.updated_at, plan.action.value))
+            return record
+        return old
+
+    def _done(self, state: State) -> bool:
+        return state.terminal or (self.until == "submitted" and state.submitted)
+
+    # -------------------------------------------------------------------- a job
+
+    async def drive(self, run: JobRun) -> None:
+        """Advance one job until it is done, cancelled, or the engine stops."""
+        failures = 0
+        while not self._done(run.record.state) and not self.stopping:
+            if run.cancel_requested:
+                await self._guarded(run, lifecycle.cancel_job)
+                if run.record.state.terminal:
+                    await self.lc.store.clear_cancel(run.record.name)
+                    return
+            state = run.record.state
+            if state in lifecycle.POLLING_STATES and run.record.next_poll_at:
+                await self._sleep(run, run.record.next_poll_at - time.time())
+                if self.stopping or run.cancel_requested:
+                    continue
+            step = lifecycle.STEPS[state]
+            error = await self._guarded(run, step)
+            if error is None:
+                failures = 0
+                continue
+            failures += 1
+            if failures >= self.step_retry.max_attempts:
+                await self._fail(run, f"gave up after {failures} attempts: {error}")
+                return
+            await self._sleep(run, self.step_retry.delay(failures, error.retry_after, self.lc.rng))
+
+    async def _guarded(
+        self, run: JobRun, step: lifecycle.Step
+    ) -> RetryableError | None:
+        """Run a step; a permanent problem fails the job, a transient one is returned."""
+        try:
+            await step(self.lc, run)
+        except RetryableError as exc:
+            run.log.warning("step will be retried", error=str(exc))
+            return exc
+        except AuthError as exc:
+            # The key is wrong for every job: stop everything rather than fail them all.
+            self.fatal = f"gateway {self.lc.client.base_url} refused the API key: {exc.message}"
+            self.stop()
+        except (GatewayError, UploadError) as exc:
+            await self._fail(run, str(exc))
+        except OSError as exc:
+            await self._fail(run, f"cannot read dataset: {exc}")
+        except Exception as exc:  # a bug must cost one job, not the batch
+            run.log.exception("internal error")
+            await self._fail(run, f"internal error: {type(exc).__name__}: {exc}")
+        return None
+
+    async def _fail(self, run: JobRun, message: str) -> None:
+        run.log.error("job failed", error=message)
+        await self.lc.transition(run, State.FAILED, "error", error=message, intent=None)
+
+    async def _sleep(self, run: JobRun, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        with anyio.move_on_after(seconds):
+            await run.wake.wait()
+        if run.wake.is_set() and not self.stopping:
+            run.wake = anyio.Event()

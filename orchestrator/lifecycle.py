@@ -1,0 +1,367 @@
+"""One job's lifecycle: a small async function per step, and the table of which step
+runs in which state.
+
+Rules every step keeps:
+- each transition is durable (``Lifecycle.transition``) before the next side effect;
+- before a non-idempotent call (the two creates, ``/start``) the intent is persisted,
+  and the creates carry an ``Idempotency-Key`` derived from the job and its attempt;
+- a persisted ``start_finetune`` intent is resolved by *observing* the finetune first:
+  ``/start`` is sent again only while the gateway still says the dataset is validated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import httpx
+import structlog
+
+from orchestrator.datasets import DatasetReport
+from orchestrator.errors import ConflictError, RetryableError, UploadError
+from orchestrator.gateway import Finetune, GatewayClient
+from orchestrator.manifest import JobSpec
+from orchestrator.metrics import Metrics
+from orchestrator.settings import EngineSettings
+from orchestrator.states import JobRecord, State, Transition, check_transition
+from orchestrator.statuses import Phase, StatusMap
+from orchestrator.store import CheckpointStore, SharedDataset
+from orchestrator.upload import upload_dataset
+
+CREATE_DATASET = "create_dataset"
+CREATE_FINETUNE = "create_finetune"
+START_FINETUNE = "start_finetune"
+
+
+@dataclass
+class JobRun:
+    """A job while this process drives it: the durable record plus what is not stored."""
+
+    spec: JobSpec
+    record: JobRecord
+    report: DatasetReport | None = None
+    signed_url: str | None = None  # never stored: a credential, and it expires
+    warned_statuses: set[str] = field(default_factory=set)
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    cancel_requested: bool = False
+
+    @property
+    def log(self) -> Any:
+        r = self.record
+        return structlog.get_logger("job").bind(
+            job=r.name, state=r.state.value, dataset_id=r.dataset_id, finetune_id=r.finetune_id
+        )
+
+
+@dataclass
+class Lifecycle:
+    """What the steps need: the gateway, the storage client, the store, the settings."""
+
+    client: GatewayClient
+    storage: httpx.AsyncClient
+    store: CheckpointStore
+    statuses: StatusMap
+    settings: EngineSettings
+    metrics: Metrics
+    upload_slots: anyio.CapacityLimiter
+    rng: random.Random = field(default_factory=random.Random)
+    _content_locks: dict[str, anyio.Lock] = field(default_factory=dict)
+
+    async def transition(
+        self, run: JobRun, new: State, detail: str | None = None, **changes: Any
+    ) -> None:
+        old = run.record.state
+        check_transition(old, new)
+        record = run.record.evolve(state=new, **changes)
+        await self.store.save(record, Transition(record.name, old, new, record.updated_at, detail))
+        run.record = record
+        self.metrics.transition(old.value, new.value)
+        run.log.info("transition", old=old.value, detail=detail)
+
+    async def persist(self, run: JobRun, **changes: Any) -> None:
+        """A same-state update: an intent, a poll schedule, a remote status."""
+        record = run.record.evolve(**changes)
+        await self.store.save(record)
+        run.record = record
+
+    @asynccontextmanager
+    async def content_lock(self, key: str) -> AsyncIterator[None]:
+        lock = self._content_locks.setdefault(key, anyio.Lock())
+        async with lock:
+            yield
+
+
+def idempotency_key(record: JobRecord, call: str) -> str:
+    """Stable across restarts of one attempt; new for a retried or replaced job."""
+    seed = f"{record.name}|{record.fingerprint}|{call}|{record.attempt}"
+    return "orch-" + hashlib.sha256(seed.encode()).hexdigest()[:40]
+
+
+def content_key(spec: JobSpec, report: DatasetReport | None) -> str:
+    """Jobs with the same key can share one uploaded dataset."""
+    if spec.s3_key is not None:
+        return f"s3:{spec.s3_key}|{spec.provider}|{spec.model}"
+    assert report is not None
+    return f"sha256:{report.sha256}|{spec.provider}|{spec.model}"
+
+
+# ---------------------------------------------------------------------- the steps
+
+
+async def prepare_dataset(lc: Lifecycle, run: JobRun) -> None:
+    """pending | dataset_created | uploaded -> dataset_ready."""
+    key = content_key(run.spec, run.report)
+    async with lc.content_lock(key):
+        if run.record.state in (State.PENDING, State.DATASET_CREATED):
+            shared = await lc.store.find_dataset(key)
+            if shared is not None and run.record.state is State.PENDING:
+                await lc.transition(
+                    run, State.DATASET_READY, f"reused dataset {shared.dataset_id}",
+                    dataset_id=shared.dataset_id, s3_key=shared.s3_key,
+                )
+                return
+        if run.spec.s3_key is None and run.record.state is not State.UPLOADED:
+            # The slot is taken before the dataset is created, so the URL is used fresh.
+            async with lc.upload_slots:
+                await _create_and_upload(lc, run)
+        elif run.record.state is State.PENDING or run.record.intent == CREATE_DATASET:
+            await _create_dataset(lc, run)
+        s3_key = run.spec.s3_key or run.record.s3_key
+        assert run.record.dataset_id is not None and s3_key is not None
+        await lc.client.update_dataset(run.record.dataset_id, s3_key)
+        await lc.transition(run, State.DATASET_READY, s3_key=s3_key)
+        await lc.store.remember_dataset(SharedDataset(key, run.record.dataset_id, s3_key))
+
+
+async def _create_dataset(lc: Lifecycle, run: JobRun) -> None:
+    if run.record.intent != CREATE_DATASET:
+        await lc.persist(run, intent=CREATE_DATASET)
+    created = await lc.client.create_dataset(
+        run.spec.dataset_name,
+        run.spec.provider,
+        run.spec.model,
+        idempotency_key=idempotency_key(run.record, CREATE_DATASET),
+    )
+    run.signed_url = created.signed_url
+    await lc.transition(run, State.DATASET_CREATED, dataset_id=created.id, intent=None)
+
+
+async def _create_and_upload(lc: Lifecycle, run: JobRun) -> None:
+    assert run.spec.dataset_path is not None
+    for _ in range(lc.settings.upload.max_fresh_urls + 1):
+        if run.signed_url is None:
+            record = run.record
+            if record.state is State.DATASET_CREATED and record.intent != CREATE_DATASET:
+                # Its URL was lost in a restart or has expired: abandon it for a fresh one.
+                assert record.dataset_id is not None
+                await lc.persist(
+                    run,
+                    abandoned_datasets=(*record.abandoned_datasets, record.dataset_id),
+                    attempt=record.attempt + 1,
+                )
+                run.log.warning("dataset abandoned", abandoned=record.dataset_id)
+            await _create_dataset(lc, run)
+        assert run.signed_url is not None
+        progress = lc.metrics.upload_progress(run.record.name, run.report.size if run.report else 0)
+        try:
+            result = await upload_dataset(
+                lc.storage, run.signed_url, run.spec.dataset_path, lc.settings.upload,
+                progress=progress, rng=lc.rng,
+            )
+        except UploadError as exc:
+            if not exc.expired:
+                raise
+            run.signed_url = None
+            continue
+        finally:
+            lc.metrics.upload_finished(run.record.name)
+        lc.metrics.uploaded(result.size, result.seconds)
+        run.log.info("uploaded", bytes=result.size, seconds=round(result.seconds, 3),
+                     attempts=result.attempts, md5=result.md5)
+        await lc.transition(run, State.UPLOADED, s3_key=result.key, upload_md5=result.md5)
+        return
+    raise UploadError(f"signed URL expired {lc.settings.upload.max_fresh_urls + 1} times in a row")
+
+
+async def create_finetune(lc: Lifecycle, run: JobRun) -> None:
+    """dataset_ready -> finetune_created."""
+    if run.record.intent != CREATE_FINETUNE:
+        await lc.persist(run, intent=CREATE_FINETUNE)
+    spec = run.spec
+    created = await lc.client.create_finetune(
+        spec.name, spec.virtual_key, spec.provider, spec.model, spec.hyperparameters,
+        idempotency_key=idempotency_key(run.record, CREATE_FINETUNE),
+    )
+    await lc.transition(run, State.FINETUNE_CREATED, finetune_id=created.id, intent=None)
+
+
+async def attach_dataset(lc: Lifecycle, run: JobRun) -> None:
+    """finetune_created -> dataset_attached."""
+    assert run.record.finetune_id and run.record.dataset_id
+    await lc.client.update_finetune(run.record.finetune_id, run.record.dataset_id)
+    await lc.transition(run, State.DATASET_ATTACHED)
+
+
+async def start_validation(lc: Lifecycle, run: JobRun) -> None:
+    """dataset_attached -> validating."""
+    assert run.record.finetune_id
+    await lc.client.start_validation(run.record.finetune_id)
+    now = time.time()
+    await lc.transition(
+        run, State.VALIDATING, phase_started_at=now, poll_attempt=0,
+        next_poll_at=now + lc.settings.poll.initial,
+    )
+
+
+async def await_validation(lc: Lifecycle, run: JobRun) -> None:
+    """validating -> validated | failed, or the next poll scheduled."""
+    finetune, phase = await _observe(lc, run)
+    if phase is Phase.VALIDATED or phase in (Phase.TRAINING, Phase.SUCCEEDED):
+        await lc.transition(run, State.VALIDATED, remote_status=finetune.status, next_poll_at=None)
+    elif phase is Phase.VALIDATION_FAILED or phase is Phase.FAILED:
+        message = finetune.failure_message() or finetune.status
+        await lc.transition(
+            run, State.FAILED, "validation failed", remote_status=finetune.status,
+            error=f"validation failed: {message}", next_poll_at=None,
+        )
+    elif phase is Phase.CANCELLED:
+        await lc.transition(run, State.CANCELLED, "cancelled on the gateway",
+                            remote_status=finetune.status, next_poll_at=None)
+    else:
+        await _schedule_poll(lc, run, finetune, lc.settings.poll.validation_deadline, "validation")
+
+
+async def start_training(lc: Lifecycle, run: JobRun) -> None:
+    """validated -> training. The one call that must never happen twice."""
+    record = run.record
+    assert record.finetune_id
+    if record.intent == START_FINETUNE and await _already_started(lc, run):
+        return
+    if record.intent != START_FINETUNE:
+        await lc.persist(run, intent=START_FINETUNE)
+    try:
+        await lc.client.start_finetune(record.finetune_id, run.spec.override_model)
+    except (RetryableError, ConflictError):
+        # The outcome is unknown (lost response) or the gateway disagrees (409):
+        # look before doing anything else.
+        if await _already_started(lc, run):
+            return
+        raise
+    now = time.time()
+    await lc.transition(
+        run, State.TRAINING, intent=None, phase_started_at=now, poll_attempt=0,
+        next_poll_at=now + lc.settings.poll.initial,
+    )
+
+
+async def _already_started(lc: Lifecycle, run: JobRun) -> bool:
+    """Observe the finetune; adopt a start that happened. False only while still validated."""
+    finetune, phase = await _observe(lc, run)
+    if phase is Phase.VALIDATED:
+        return False
+    if phase in (Phase.VALIDATING, Phase.CREATED, Phase.VALIDATION_FAILED):
+        # Not started, and not startable: the dataset is no longer validated.
+        await lc.transition(
+            run, State.FAILED, "not startable", intent=None, remote_status=finetune.status,
+            error=f"finetune is {finetune.status} on the gateway; it cannot be started",
+        )
+        return True
+    now = time.time()
+    await lc.transition(
+        run, State.TRAINING, "start observed on the gateway", intent=None,
+        remote_status=finetune.status, phase_started_at=now, poll_attempt=0, next_poll_at=now,
+    )
+    return True
+
+
+async def await_training(lc: Lifecycle, run: JobRun) -> None:
+    """training -> succeeded | failed | cancelled, or the next poll scheduled."""
+    finetune, phase = await _observe(lc, run)
+    if phase is Phase.SUCCEEDED:
+        await lc.transition(run, State.SUCCEEDED, remote_status=finetune.status,
+                            fine_tuned_model=finetune.slug, next_poll_at=None)
+    elif phase in (Phase.FAILED, Phase.VALIDATION_FAILED):
+        message = finetune.failure_message() or finetune.status
+        await lc.transition(run, State.FAILED, "training failed", remote_status=finetune.status,
+                            error=f"training failed: {message}", next_poll_at=None)
+    elif phase is Phase.CANCELLED:
+        await lc.transition(run, State.CANCELLED, "cancelled on the gateway",
+                            remote_status=finetune.status, next_poll_at=None)
+    else:
+        await _schedule_poll(lc, run, finetune, lc.settings.poll.training_deadline, "training")
+
+
+async def cancel_job(lc: Lifecycle, run: JobRun) -> None:
+    """Any state -> cancelled; the finetune is cancelled on the gateway if it exists."""
+    record = run.record
+    status = record.remote_status
+    if record.finetune_id:
+        try:
+            await lc.client.cancel_finetune(record.finetune_id)
+        except ConflictError:
+            finetune, phase = await _observe(lc, run)
+            if phase is Phase.SUCCEEDED:
+                await lc.transition(run, State.SUCCEEDED, "finished before the cancel",
+                                    fine_tuned_model=finetune.slug, remote_status=finetune.status)
+                return
+            if phase in (Phase.FAILED, Phase.VALIDATION_FAILED):
+                await lc.transition(run, State.FAILED, "failed before the cancel",
+                                    remote_status=finetune.status,
+                                    error=finetune.failure_message() or finetune.status)
+                return
+            status = finetune.status
+    await lc.transition(run, State.CANCELLED, "cancel requested", intent=None,
+                        remote_status=status, next_poll_at=None)
+
+
+async def _observe(lc: Lifecycle, run: JobRun) -> tuple[Finetune, Phase | None]:
+    assert run.record.finetune_id
+    finetune = await lc.client.get_finetune(run.record.finetune_id)
+    lc.metrics.polled()
+    phase = lc.statuses.phase_of(finetune.status)
+    if phase is None and finetune.status not in run.warned_statuses:
+        run.warned_statuses.add(finetune.status or "")
+        run.log.warning("unknown gateway status; treating it as still in progress",
+                        remote_status=finetune.status)
+    return finetune, phase
+
+
+async def _schedule_poll(
+    lc: Lifecycle, run: JobRun, finetune: Finetune, deadline: float, what: str
+) -> None:
+    record = run.record
+    now = time.time()
+    started = record.phase_started_at or now
+    if now - started > deadline:
+        await lc.transition(
+            run, State.FAILED, f"{what} deadline", remote_status=finetune.status,
+            error=f"{what} did not finish within {deadline:g}s (last status {finetune.status})",
+        )
+        return
+    attempt = record.poll_attempt + 1
+    delay = lc.settings.poll.policy().backoff(attempt)
+    await lc.persist(run, remote_status=finetune.status, poll_attempt=attempt,
+                     next_poll_at=now + delay)
+
+
+Step = Callable[[Lifecycle, JobRun], Awaitable[None]]
+
+STEPS: dict[State, Step] = {
+    State.PENDING: prepare_dataset,
+    State.DATASET_CREATED: prepare_dataset,
+    State.UPLOADED: prepare_dataset,
+    State.DATASET_READY: create_finetune,
+    State.FINETUNE_CREATED: attach_dataset,
+    State.DATASET_ATTACHED: start_validation,
+    State.VALIDATING: await_validation,
+    State.VALIDATED: start_training,
+    State.TRAINING: await_training,
+}
+
+POLLING_STATES = frozenset({State.VALIDATING, State.TRAINING})

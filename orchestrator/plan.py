@@ -1,0 +1,109 @@
+"""What ``run`` would do with each job of a manifest, given the store: no network.
+
+    create     not in the store yet
+    resume     in flight, unchanged: continue from its state
+    unchanged  finished with this same spec: nothing to do
+    changed    spec or dataset edited while in flight or after it ended: left alone
+    retry      failed before, and the spec changed or --retry-failed was given
+    replace    changed, and --replace NAME asked for a fresh start
+    invalid    its local dataset fails the checks: failed without touching the gateway
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import anyio.to_thread
+
+from orchestrator.datasets import DatasetReport, inspect_dataset
+from orchestrator.manifest import JobSpec
+from orchestrator.settings import CheckSettings
+from orchestrator.states import JobRecord, State
+
+
+class Action(enum.StrEnum):
+    CREATE = "create"
+    RESUME = "resume"
+    UNCHANGED = "unchanged"
+    CHANGED = "changed"
+    RETRY = "retry"
+    REPLACE = "replace"
+    INVALID = "invalid"
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    spec: JobSpec
+    action: Action
+    fingerprint: str
+    record: JobRecord | None
+    report: DatasetReport | None
+
+    def describe(self) -> str:
+        state = self.record.state.value if self.record else "-"
+        if self.action is Action.RESUME:
+            return f"resume from {state}"
+        if self.action is Action.INVALID and self.report is not None:
+            return f"invalid dataset: {self.report.summary()}"
+        if self.action is Action.CHANGED:
+            return f"changed since it was submitted ({state}); left alone without --replace"
+        return self.action.value
+
+
+async def inspect_datasets(
+    specs: Iterable[JobSpec], settings: CheckSettings, concurrency: int = 2
+) -> dict[Path, DatasetReport]:
+    """Check (and hash) each distinct local dataset once, a few files at a time."""
+    paths = sorted({s.dataset_path for s in specs if s.dataset_path is not None})
+    reports: dict[Path, DatasetReport] = {}
+    limiter = anyio.CapacityLimiter(concurrency)
+
+    async def one(path: Path) -> None:
+        reports[path] = await anyio.to_thread.run_sync(
+            inspect_dataset, path, settings, limiter=limiter
+        )
+
+    async with anyio.create_task_group() as tg:
+        for path in paths:
+            tg.start_soon(one, path)
+    return reports
+
+
+def plan_jobs(
+    specs: Iterable[JobSpec],
+    reports: Mapping[Path, DatasetReport],
+    records: Mapping[str, JobRecord],
+    *,
+    retry_failed: bool = False,
+    replace: Iterable[str] = (),
+) -> list[PlannedJob]:
+    replace = set(replace)
+    planned: list[PlannedJob] = []
+    for spec in specs:
+        report = reports.get(spec.dataset_path) if spec.dataset_path else None
+        fingerprint = spec.fingerprint(report.sha256 if report else None)
+        record = records.get(spec.name)
+        same = record is not None and record.fingerprint == fingerprint
+        if record is None:
+            action = Action.CREATE
+        elif same and not record.state.terminal:
+            action = Action.RESUME
+        elif same:
+            retry = retry_failed and record.state is State.FAILED
+            action = Action.RETRY if retry else Action.UNCHANGED
+        elif spec.name in replace:
+            action = Action.REPLACE
+        elif record.state is State.FAILED:
+            action = Action.RETRY
+        else:
+            action = Action.CHANGED
+        if report is not None and not report.ok and action in (
+            Action.CREATE, Action.RETRY, Action.REPLACE,
+        ):
+            action = Action.INVALID
+        planned.append(PlannedJob(spec, action, fingerprint, record, report))
+    return planned

@@ -1,0 +1,136 @@
+"""A job's states, the table of allowed transitions, and the record the store keeps.
+
+    pending -> dataset_created -> uploaded -> dataset_ready -> finetune_created
+            -> dataset_attached -> validating -> validated -> training
+            -> succeeded | failed | cancelled
+
+``s3_key`` jobs go from ``dataset_created`` straight to ``dataset_ready``; a job whose
+dataset content was already uploaded goes from ``pending`` straight to ``dataset_ready``.
+``failed`` and ``cancelled`` are reachable from every state that is not terminal.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+
+class State(enum.StrEnum):
+    PENDING = "pending"
+    DATASET_CREATED = "dataset_created"
+    UPLOADED = "uploaded"
+    DATASET_READY = "dataset_ready"
+    FINETUNE_CREATED = "finetune_created"
+    DATASET_ATTACHED = "dataset_attached"
+    VALIDATING = "validating"
+    VALIDATED = "validated"
+    TRAINING = "training"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+    @property
+    def submitted(self) -> bool:
+        """Training has been started (or the job has ended)."""
+        return self is State.TRAINING or self.terminal
+
+
+TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
+
+_FORWARD: dict[State, frozenset[State]] = {
+    State.PENDING: frozenset({State.DATASET_CREATED, State.DATASET_READY}),
+    # A self-loop: the signed URL expired or was lost in a restart, so a fresh dataset.
+    State.DATASET_CREATED: frozenset({State.DATASET_CREATED, State.UPLOADED, State.DATASET_READY}),
+    State.UPLOADED: frozenset({State.DATASET_READY}),
+    State.DATASET_READY: frozenset({State.FINETUNE_CREATED}),
+    State.FINETUNE_CREATED: frozenset({State.DATASET_ATTACHED}),
+    State.DATASET_ATTACHED: frozenset({State.VALIDATING}),
+    State.VALIDATING: frozenset({State.VALIDATED}),
+    # A start observed to have happened already is adopted: validated -> training either way.
+    State.VALIDATED: frozenset({State.TRAINING}),
+    State.TRAINING: frozenset({State.SUCCEEDED}),
+}
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    state: (_FORWARD.get(state, frozenset()) | {State.FAILED, State.CANCELLED})
+    if not state.terminal
+    # A terminal job moves again only when the user asks: --retry-failed or --replace.
+    else frozenset({State.PENDING})
+    for state in State
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+def check_transition(old: State, new: State) -> None:
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"{old} -> {new} is not an allowed transition")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """Everything the store keeps about one job. Never holds the API key or a signed URL."""
+
+    name: str
+    fingerprint: str
+    state: State = State.PENDING
+    manifest: str = ""
+    base_url: str = ""
+    attempt: int = 1  # part of the idempotency keys; a retry or replace starts a new one
+    intent: str | None = None  # a non-idempotent call that may have happened
+    content_sha256: str | None = None
+    dataset_id: str | None = None
+    s3_key: str | None = None
+    upload_md5: str | None = None
+    abandoned_datasets: tuple[str, ...] = ()
+    finetune_id: str | None = None
+    remote_status: str | None = None
+    fine_tuned_model: str | None = None
+    error: str | None = None
+    poll_attempt: int = 0
+    next_poll_at: float | None = None  # wall clock, so it survives a restart
+    phase_started_at: float | None = None  # when validating/training began, for deadlines
+    created_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+
+    def evolve(self, **changes: Any) -> JobRecord:
+        return replace(self, updated_at=time.time(), **changes)
+
+    def public(self) -> dict[str, Any]:
+        """The shape of ``status --json`` and the daemon's ``/jobs``."""
+        return {
+            "name": self.name,
+            "state": self.state.value,
+            "dataset_id": self.dataset_id,
+            "finetune_id": self.finetune_id,
+            "remote_status": self.remote_status,
+            "fine_tuned_model": self.fine_tuned_model,
+            "error": self.error,
+            "s3_key": self.s3_key,
+            "abandoned_datasets": list(self.abandoned_datasets),
+            "attempt": self.attempt,
+            "manifest": self.manifest,
+            "created_at": _iso(self.created_at),
+            "updated_at": _iso(self.updated_at),
+        }
+
+
+@dataclass(frozen=True)
+class Transition:
+    name: str
+    old: State | None
+    new: State
+    at: float
+    detail: str | None = None
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))

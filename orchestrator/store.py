@@ -1,0 +1,401 @@
+"""The checkpoint store: where every job's record and transition history live.
+
+``CheckpointStore`` is the small interface the engine and the CLI use; ``SqliteStore``
+is the embedded default (WAL, mode 0600, versioned schema) and ``MemoryStore`` serves
+unit tests. A PostgreSQL backend would implement the same seven calls.
+
+Writes are group-committed: every ``save`` waits until its row is durable, but all the
+saves that arrive while one commit is in flight share the next commit, so hundreds of
+jobs transitioning at once cost a handful of fsyncs, not hundreds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+
+from orchestrator.errors import InputError, StateLockedError
+from orchestrator.states import JobRecord, State, Transition
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SharedDataset:
+    """An uploaded dataset that later jobs with the same content may reuse."""
+
+    content_key: str
+    dataset_id: str
+    s3_key: str
+
+
+class CheckpointStore(Protocol):
+    async def load(self, names: Iterable[str] | None = None) -> dict[str, JobRecord]: ...
+
+    async def save(self, record: JobRecord, transition: Transition | None = None) -> None:
+        """Returns once the record (and transition) are durable."""
+
+    async def history(self, name: str) -> list[Transition]: ...
+
+    async def request_cancel(self, names: Iterable[str]) -> None: ...
+
+    async def cancel_requests(self) -> set[str]: ...
+
+    async def clear_cancel(self, name: str) -> None: ...
+
+    async def find_dataset(self, content_key: str) -> SharedDataset | None: ...
+
+    async def remember_dataset(self, shared: SharedDataset) -> None: ...
+
+
+# ------------------------------------------------------------------ row mapping
+
+_FIELDS = [f.name for f in fields(JobRecord)]
+_TUPLE_FIELDS = {"abandoned_datasets"}
+
+
+def _to_row(record: JobRecord) -> tuple[Any, ...]:
+    out: list[Any] = []
+    for name in _FIELDS:
+        value = getattr(record, name)
+        if name in _TUPLE_FIELDS:
+            value = json.dumps(list(value))
+        elif isinstance(value, State):
+            value = value.value
+        out.append(value)
+    return tuple(out)
+
+
+def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
+    values = dict(zip(_FIELDS, row, strict=True))
+    values["state"] = State(values["state"])
+    for name in _TUPLE_FIELDS:
+        values[name] = tuple(json.loads(values[name] or "[]"))
+    return JobRecord(**values)
+
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    name TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL,
+    state TEXT NOT NULL,
+    manifest TEXT NOT NULL,
+    base_url TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    intent TEXT,
+    content_sha256 TEXT,
+    dataset_id TEXT,
+    s3_key TEXT,
+    upload_md5 TEXT,
+    abandoned_datasets TEXT NOT NULL,
+    finetune_id TEXT,
+    remote_status TEXT,
+    fine_tuned_model TEXT,
+    error TEXT,
+    poll_attempt INTEGER NOT NULL,
+    next_poll_at REAL,
+    phase_started_at REAL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS transitions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    old_state TEXT,
+    new_state TEXT NOT NULL,
+    at REAL NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS transitions_by_name ON transitions (name, id);
+CREATE TABLE IF NOT EXISTS cancel_requests (name TEXT PRIMARY KEY, requested_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS datasets (
+    content_key TEXT PRIMARY KEY,
+    dataset_id TEXT NOT NULL,
+    s3_key TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
+"""
+
+_UPSERT = (
+    f"INSERT INTO jobs ({', '.join(_FIELDS)}) VALUES ({', '.join('?' for _ in _FIELDS)}) "
+    f"ON CONFLICT(name) DO UPDATE SET "
+    + ", ".join(f"{n} = excluded.{n}" for n in _FIELDS if n != "name")
+)
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.error: BaseException | None = None
+
+
+class SqliteStore:
+    """SQLite in WAL mode. One connection, used from one worker thread at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            # Created 0600 before SQLite opens it: job ids and errors are nobody else's.
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA busy_timeout = 10000")
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.executescript(_SCHEMA)
+            version = int(
+                self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+            )
+        except sqlite3.DatabaseError as exc:
+            raise InputError(f"{path}: not a usable state file ({exc})") from None
+        if version != SCHEMA_VERSION:
+            raise InputError(
+                f"{path}: state schema version {version}, this orchestrator reads {SCHEMA_VERSION}"
+            )
+        self._thread_lock = threading.Lock()
+        self._limiter = anyio.CapacityLimiter(1)
+        self._pending: list[tuple[JobRecord, Transition | None]] = []
+        self._batch = _Batch()
+        self._flushing = False
+        self.commits = 0  # observable by tests and the benchmark
+
+    def close(self) -> None:
+        with self._thread_lock:
+            self._db.close()
+
+    async def _run(self, fn: Any, *args: Any) -> Any:
+        def locked() -> Any:
+            with self._thread_lock:
+                return fn(*args)
+
+        return await anyio.to_thread.run_sync(locked, limiter=self._limiter)
+
+    # ------------------------------------------------------------------- writes
+
+    async def save(self, record: JobRecord, transition: Transition | None = None) -> None:
+        self._pending.append((record, transition))
+        batch = self._batch
+        if not self._flushing:
+            self._flushing = True
+            # Shielded: a leader cancelled mid-commit must not strand its followers.
+            with anyio.CancelScope(shield=True):
+                try:
+                    while self._pending:
+                        items, self._pending = self._pending, []
+                        current, self._batch = self._batch, _Batch()
+                        try:
+                            await self._run(self._write, items)
+                        except BaseException as exc:  # handed to every waiter
+                            current.error = exc
+                        current.done.set()
+                finally:
+                    self._flushing = False
+        await batch.done.wait()
+        if batch.error is not None:
+            raise batch.error
+
+    def _write(self, items: list[tuple[JobRecord, Transition | None]]) -> None:
+        # Later saves of the same job in one batch supersede earlier ones.
+        rows = {record.name: _to_row(record) for record, _ in items}
+        history = [
+            (t.name, t.old.value if t.old else None, t.new.value, t.at, t.detail)
+            for _, t in items
+            if t is not None
+        ]
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(_UPSERT, rows.values())
+            if history:
+                db.executemany(
+                    "INSERT INTO transitions (name, old_state, new_state, at, detail) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    history,
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.commits += 1
+
+    async def request_cancel(self, names: Iterable[str]) -> None:
+        now = time.time()
+        rows = [(n, now) for n in names]
+
+        def write() -> None:
+            with self._db:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO cancel_requests (name, requested_at) VALUES (?, ?)", rows
+                )
+
+        await self._run(write)
+
+    async def remember_dataset(self, shared: SharedDataset) -> None:
+        def write() -> None:
+            with self._db:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO datasets (content_key, dataset_id, s3_key, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (shared.content_key, shared.dataset_id, shared.s3_key, time.time()),
+                )
+
+        await self._run(write)
+
+    # -------------------------------------------------------------------- reads
+
+    async def load(self, names: Iterable[str] | None = None) -> dict[str, JobRecord]:
+        wanted = list(names) if names is not None else None
+
+        def read() -> dict[str, JobRecord]:
+            sql = f"SELECT {', '.join(_FIELDS)} FROM jobs"
+            if wanted is None:
+                rows = self._db.execute(sql).fetchall()
+            else:
+                rows = []
+                for start in range(0, len(wanted), 500):
+                    chunk = wanted[start : start + 500]
+                    rows += self._db.execute(
+                        f"{sql} WHERE name IN ({', '.join('?' for _ in chunk)})", chunk
+                    ).fetchall()
+            return {row[0]: _from_row(row) for row in rows}
+
+        result: dict[str, JobRecord] = await self._run(read)
+        return result
+
+    async def history(self, name: str) -> list[Transition]:
+        def read() -> list[Transition]:
+            rows = self._db.execute(
+                "SELECT name, old_state, new_state, at, detail FROM transitions "
+                "WHERE name = ? ORDER BY id",
+                (name,),
+            ).fetchall()
+            return [
+                Transition(r[0], State(r[1]) if r[1] else None, State(r[2]), r[3], r[4])
+                for r in rows
+            ]
+
+        result: list[Transition] = await self._run(read)
+        return result
+
+    async def cancel_requests(self) -> set[str]:
+        def read() -> set[str]:
+            return {r[0] for r in self._db.execute("SELECT name FROM cancel_requests")}
+
+        result: set[str] = await self._run(read)
+        return result
+
+    async def find_dataset(self, content_key: str) -> SharedDataset | None:
+        def read() -> SharedDataset | None:
+            row = self._db.execute(
+                "SELECT content_key, dataset_id, s3_key FROM datasets WHERE content_key = ?",
+                (content_key,),
+            ).fetchone()
+            return SharedDataset(*row) if row else None
+
+        result: SharedDataset | None = await self._run(read)
+        return result
+
+    async def clear_cancel(self, name: str) -> None:
+        def write() -> None:
+            with self._db:
+                self._db.execute("DELETE FROM cancel_requests WHERE name = ?", (name,))
+
+        await self._run(write)
+
+
+class MemoryStore:
+    """The same contract in memory, for unit tests of the lifecycle."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, JobRecord] = {}
+        self.transitions: list[Transition] = []
+        self.cancels: set[str] = set()
+        self.datasets: dict[str, SharedDataset] = {}
+
+    async def load(self, names: Iterable[str] | None = None) -> dict[str, JobRecord]:
+        if names is None:
+            return dict(self.jobs)
+        return {n: self.jobs[n] for n in names if n in self.jobs}
+
+    async def save(self, record: JobRecord, transition: Transition | None = None) -> None:
+        await anyio.lowlevel.checkpoint()
+        self.jobs[record.name] = record
+        if transition is not None:
+            self.transitions.append(transition)
+
+    async def history(self, name: str) -> list[Transition]:
+        return [t for t in self.transitions if t.name == name]
+
+    async def request_cancel(self, names: Iterable[str]) -> None:
+        self.cancels.update(names)
+
+    async def cancel_requests(self) -> set[str]:
+        return set(self.cancels)
+
+    async def clear_cancel(self, name: str) -> None:
+        self.cancels.discard(name)
+
+    async def find_dataset(self, content_key: str) -> SharedDataset | None:
+        return self.datasets.get(content_key)
+
+    async def remember_dataset(self, shared: SharedDataset) -> None:
+        self.datasets[shared.content_key] = shared
+
+
+class OwnerLock:
+    """Only one engine may own a state file; the OS drops the lock when the process dies."""
+
+    def __init__(self, state_path: Path) -> None:
+        self.path = state_path.with_name(state_path.name + ".lock")
+        self._handle: IO[str] | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")  # noqa: SIM115 - held for the process's lifetime
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise StateLockedError(
+                f"{self.path.with_suffix('')}: state file is in use by {owner}; "
+                "only one `run` or `daemon` may own it at a time"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        self._handle = handle
+
+    def held_by_other(self) -> bool:
+        """True when some other process owns the state file right now."""
+        if self._handle is not None or not self.path.exists():
+            return False
+        with open(self.path) as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None

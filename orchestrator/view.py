@@ -1,0 +1,51 @@
+"""What a person sees: the live view while ``run`` works in a terminal, and tables."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from orchestrator.engine import Engine
+from orchestrator.states import State
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def live_renderable(engine: Engine) -> Any:
+    """Jobs by state, then one line per upload in flight (bytes, rate, time left)."""
+    counts = Counter(run.record.state for run in engine.runs.values())
+    states = Table.grid(padding=(0, 2))
+    states.add_row(*[Text(s.value, style="bold") for s in State if counts.get(s)])
+    states.add_row(*[str(counts[s]) for s in State if counts.get(s)])
+    parts: list[Any] = [Text(f"{len(engine.runs)} jobs", style="bold"), states]
+    uploads = list(engine.lc.metrics.uploads.items())
+    if uploads:
+        table = Table("upload", "sent", "rate", "left", box=None, padding=(0, 2))
+        for name, p in uploads[:20]:
+            eta = f"{p.eta:.0f}s" if p.eta is not None else "-"
+            table.add_row(name, f"{_size(p.sent)} / {_size(p.total)}", f"{_size(p.rate)}/s", eta)
+        parts.append(table)
+    if engine.stopping:
+        parts.append(Text("stopping: finishing calls in flight...", style="yellow"))
+    return Group(*parts)
+
+
+def text_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """A plain aligned table: greppable, and the same in a terminal or a pipe."""
+    cells = [[str(h) for h in headers]] + [["-" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(value.ljust(width) for value, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
