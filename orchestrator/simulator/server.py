@@ -26,6 +26,7 @@ from orchestrator.simulator.signing import UrlSigner
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 API_KEY_HEADER = "x-portkey-api-key"
+ENDPOINT = web.RequestKey("endpoint", str)
 
 
 def _envelope(data: Any, status: int = 200) -> web.Response:
@@ -141,7 +142,7 @@ class Simulator:
             self.journal.faults[str(status)] += 1
             return _failure(status, "injected server error")
         response = await handler(request)
-        name = request.get("endpoint", "unknown")
+        name = request.get(ENDPOINT, "unknown")
         self.journal.statuses[f"{name} {response.status}"] += 1
         if cfg.lost_response_rate and rng.random() < cfg.lost_response_rate:
             self.journal.faults["lost_response"] += 1
@@ -175,7 +176,7 @@ class Simulator:
         self, name: str, request: web.Request, action: Callable[[], Awaitable[web.Response]]
     ) -> web.Response:
         self._count(name)
-        request["endpoint"] = name
+        request[ENDPOINT] = name
         try:
             return await action()
         except w.BadRequest as exc:

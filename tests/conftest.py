@@ -1,0 +1,83 @@
+"""Shared fixtures: a real simulator on a real socket, fast timings, a fresh state file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator.simulator import SimConfig, SimulatorThread
+
+FAST = dict(validation_seconds=0.3, queue_seconds=0.1, training_seconds=0.3)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def sim_config() -> SimConfig:
+    return SimConfig(seed=1, **FAST)
+
+
+@pytest.fixture
+def sim(sim_config: SimConfig) -> Iterator[SimulatorThread]:
+    simulator = SimulatorThread(sim_config)
+    simulator.start()
+    try:
+        yield simulator
+    finally:
+        simulator.stop()
+
+
+def example_line(i: int, extra: str = "") -> str:
+    return json.dumps({
+        "messages": [
+            {"role": "system", "content": "You are helpful."},
+            {"role": "user", "content": f"question {i} {extra}"},
+            {"role": "assistant", "content": f"answer {i}"},
+        ]
+    })
+
+
+def write_dataset(path: Path, examples: int = 12, salt: str = "") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(example_line(i, salt) + "\n" for i in range(examples)), "utf-8")
+    return path
+
+
+def write_manifest(path: Path, jobs: list[dict[str, Any]], **top: Any) -> Path:
+    import yaml
+
+    document = {
+        "defaults": {"provider": "openai", "model": "gpt-4o-mini", "virtual_key": "vk-test",
+                     "hyperparameters": {"epochs": 1}},
+        **top,
+        "jobs": jobs,
+    }
+    path.write_text(yaml.safe_dump(document, sort_keys=False), "utf-8")
+    return path
+
+
+def cli_env(sim: SimulatorThread | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PORTKEY_")}
+    if sim is not None:
+        env["PORTKEY_BASE_URL"] = sim.url
+        env["PORTKEY_API_KEY"] = sim.simulator.config.api_key
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str], cwd: Path | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )
