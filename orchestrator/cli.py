@@ -10,6 +10,7 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +18,7 @@ import anyio
 import click
 import structlog
 
+from orchestrator.engine import Engine, RunSummary
 from orchestrator.errors import ConflictError, GatewayError, InputError, OrchestratorError
 from orchestrator.logs import Redactor, configure_logging
 from orchestrator.manifest import Manifest, load_manifest
@@ -42,16 +44,41 @@ state_option = click.option(
 
 def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--upload-concurrency", type=click.IntRange(1, 256), default=4,
-                     show_default=True, help="Uploads at once."),
-        click.option("--api-concurrency", type=click.IntRange(1, 1024), default=64,
-                     show_default=True, help="Gateway requests in flight at once."),
-        click.option("--poll-interval", type=click.FloatRange(0.01), default=2.0,
-                     show_default=True, help="First status poll after a phase starts (s)."),
-        click.option("--poll-max", type=click.FloatRange(0.01), default=60.0,
-                     show_default=True, help="Longest wait between status polls (s)."),
-        click.option("--min-examples", type=click.IntRange(1), default=10, show_default=True,
-                     help="Fewest examples a dataset may have."),
+        click.option(
+            "--upload-concurrency",
+            type=click.IntRange(1, 256),
+            default=4,
+            show_default=True,
+            help="Uploads at once.",
+        ),
+        click.option(
+            "--api-concurrency",
+            type=click.IntRange(1, 1024),
+            default=64,
+            show_default=True,
+            help="Gateway requests in flight at once.",
+        ),
+        click.option(
+            "--poll-interval",
+            type=click.FloatRange(0.01),
+            default=2.0,
+            show_default=True,
+            help="First status poll after a phase starts (s).",
+        ),
+        click.option(
+            "--poll-max",
+            type=click.FloatRange(0.01),
+            default=60.0,
+            show_default=True,
+            help="Longest wait between status polls (s).",
+        ),
+        click.option(
+            "--min-examples",
+            type=click.IntRange(1),
+            default=10,
+            show_default=True,
+            help="Fewest examples a dataset may have.",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -59,14 +86,16 @@ def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _settings(
-    upload_concurrency: int, api_concurrency: int, poll_interval: float, poll_max: float,
+    upload_concurrency: int,
+    api_concurrency: int,
+    poll_interval: float,
+    poll_max: float,
     min_examples: int,
 ) -> EngineSettings:
     base = EngineSettings()
     return replace(
         base,
-        client=replace(base.client, max_connections=api_concurrency,
-                       max_keepalive=api_concurrency),
+        client=replace(base.client, max_connections=api_concurrency, max_keepalive=api_concurrency),
         upload=replace(UploadSettings(), concurrency=upload_concurrency),
         poll=replace(PollSettings(), initial=poll_interval, maximum=max(poll_max, poll_interval)),
         check=replace(CheckSettings(), min_examples=min_examples),
@@ -95,30 +124,61 @@ def cli() -> None:
 @cli.command()
 @click.argument("manifest_path", metavar="MANIFEST", type=click.Path(path_type=Path))
 @state_option
-@click.option("--until", type=click.Choice(["submitted", "done"]), default="done",
-              show_default=True, help="submitted: stop once training has started.")
+@click.option(
+    "--until",
+    type=click.Choice(["submitted", "done"]),
+    default="done",
+    show_default=True,
+    help="submitted: stop once training has started.",
+)
 @click.option("--retry-failed", is_flag=True, help="Try failed jobs again even if unchanged.")
-@click.option("--replace", "replace_names", multiple=True, metavar="NAME",
-              help="Start NAME afresh although its spec changed (repeatable).")
+@click.option(
+    "--replace",
+    "replace_names",
+    multiple=True,
+    metavar="NAME",
+    help="Start NAME afresh although its spec changed (repeatable).",
+)
 @click.option("--live/--no-live", default=None, help="Live view (default: when a terminal).")
 @_settings_options
 def run(
-    manifest_path: Path, state_path: Path, until: str, retry_failed: bool,
-    replace_names: tuple[str, ...], live: bool | None, **settings_kw: Any,
+    manifest_path: Path,
+    state_path: Path,
+    until: str,
+    retry_failed: bool,
+    replace_names: tuple[str, ...],
+    live: bool | None,
+    **settings_kw: Any,
 ) -> None:
     """Advance every job of MANIFEST; a rerun resumes where the last one stopped."""
     settings = _settings(**settings_kw)
     show_live = sys.stderr.isatty() if live is None else live
     redactor = Redactor()
     _logging(redactor, quiet=show_live)
-    code = _run_async(lambda: _run(manifest_path, state_path, until, retry_failed,
-                                   replace_names, settings, show_live, redactor))
+    code = _run_async(
+        lambda: _run(
+            manifest_path,
+            state_path,
+            until,
+            retry_failed,
+            replace_names,
+            settings,
+            show_live,
+            redactor,
+        )
+    )
     sys.exit(code)
 
 
 async def _run(
-    manifest_path: Path, state_path: Path, until: str, retry_failed: bool,
-    replace_names: Sequence[str], settings: EngineSettings, live: bool, redactor: Redactor,
+    manifest_path: Path,
+    state_path: Path,
+    until: str,
+    retry_failed: bool,
+    replace_names: Sequence[str],
+    settings: EngineSettings,
+    live: bool,
+    redactor: Redactor,
 ) -> int:
     from orchestrator.runner import gateway_of, open_engine
 
@@ -128,16 +188,18 @@ async def _run(
     unknown = set(replace_names) - {j.name for j in manifest.jobs}
     if unknown:
         raise InputError(f"--replace {sorted(unknown)[0]}: no such job in {manifest_path}")
-    planned, store, lock = await _plan_for_run(manifest, state_path, settings, retry_failed,
-                                               replace_names)
+    planned, store, lock = await _plan_for_run(
+        manifest, state_path, settings, retry_failed, replace_names
+    )
     try:
         metrics = Metrics()
         needs_gateway = any(
             p.action in (Action.CREATE, Action.RESUME, Action.RETRY, Action.REPLACE)
             for p in planned
         )
-        async with open_engine(manifest, store, settings, metrics, until=until,
-                               preflight=needs_gateway) as engine:
+        async with open_engine(
+            manifest, store, settings, metrics, until=until, preflight=needs_gateway
+        ) as engine:
             summary = await _drive(engine, planned, settings.shutdown_grace, live)
     finally:
         store.close()
@@ -149,7 +211,10 @@ async def _run(
 
 
 async def _plan_for_run(
-    manifest: Manifest, state_path: Path, settings: EngineSettings, retry_failed: bool,
+    manifest: Manifest,
+    state_path: Path,
+    settings: EngineSettings,
+    retry_failed: bool,
     replace_names: Sequence[str],
 ) -> tuple[list[PlannedJob], SqliteStore, OwnerLock]:
     reports = await inspect_datasets(manifest.jobs, settings.check)
@@ -165,16 +230,15 @@ async def _plan_for_run(
         lock.release()
         raise
     records = await store.load([j.name for j in manifest.jobs])
-    planned = plan_jobs(manifest.jobs, reports, records, retry_failed=retry_failed,
-                        replace=replace_names)
+    planned = plan_jobs(
+        manifest.jobs, reports, records, retry_failed=retry_failed, replace=replace_names
+    )
     return planned, store, lock
 
 
-async def _drive(engine: Any, planned: list[PlannedJob], grace: float, live: bool) -> Any:
+async def _drive(engine: Engine, planned: list[PlannedJob], grace: float, live: bool) -> RunSummary:
     """Run the batch; the first SIGINT/SIGTERM stops new steps, a second (or the grace
     period running out) cancels what is still in flight."""
-    from orchestrator.engine import RunSummary
-
     result: list[RunSummary] = []
 
     async def batch(scope: anyio.CancelScope) -> None:
@@ -202,8 +266,12 @@ async def _drive(engine: Any, planned: list[PlannedJob], grace: float, live: boo
 
         from orchestrator.view import live_renderable
 
-        with Live(get_renderable=lambda: live_renderable(engine), console=Console(stderr=True),
-                  refresh_per_second=4, transient=False):
+        with Live(
+            get_renderable=lambda: live_renderable(engine),
+            console=Console(stderr=True),
+            refresh_per_second=4,
+            transient=False,
+        ):
             await body()
     else:
         await body()
@@ -214,7 +282,7 @@ async def _drive(engine: Any, planned: list[PlannedJob], grace: float, live: boo
     return summary
 
 
-def _print_summary(summary: Any, planned: list[PlannedJob]) -> None:
+def _print_summary(summary: RunSummary, planned: list[PlannedJob]) -> None:
     counts = summary.counts()
     line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     click.echo(f"{len(summary.states)} jobs: {line or 'none'}")
@@ -234,8 +302,13 @@ def _print_summary(summary: Any, planned: list[PlannedJob]) -> None:
 @click.option("--retry-failed", is_flag=True)
 @click.option("--replace", "replace_names", multiple=True, metavar="NAME")
 @click.option("--min-examples", type=click.IntRange(1), default=10, show_default=True)
-def plan(manifest_path: Path, state_path: Path, retry_failed: bool,
-         replace_names: tuple[str, ...], min_examples: int) -> None:
+def plan(
+    manifest_path: Path,
+    state_path: Path,
+    retry_failed: bool,
+    replace_names: tuple[str, ...],
+    min_examples: int,
+) -> None:
     """Show what `run` would do with each job, without any network call."""
     from orchestrator.view import text_table
 
@@ -243,18 +316,23 @@ def plan(manifest_path: Path, state_path: Path, retry_failed: bool,
         manifest = load_manifest(manifest_path)
         reports = await inspect_datasets(manifest.jobs, CheckSettings(min_examples=min_examples))
         records = {}
-        if state_path.exists():
+        if await anyio.Path(state_path).exists():
             store = SqliteStore(state_path)
             try:
                 records = await store.load([j.name for j in manifest.jobs])
             finally:
                 store.close()
-        return plan_jobs(manifest.jobs, reports, records, retry_failed=retry_failed,
-                         replace=replace_names)
+        return plan_jobs(
+            manifest.jobs, reports, records, retry_failed=retry_failed, replace=replace_names
+        )
 
     planned = _run_async(go)
-    click.echo(text_table(("job", "action", "detail"),
-                          [(p.spec.name, p.action.value, p.describe()) for p in planned]))
+    click.echo(
+        text_table(
+            ("job", "action", "detail"),
+            [(p.spec.name, p.action.value, p.describe()) for p in planned],
+        )
+    )
 
 
 # ------------------------------------------------------------------- validate
@@ -286,8 +364,10 @@ def validate(manifest_path: Path, min_examples: int) -> None:
     if errors:
         sys.exit(2)
     rate = total / elapsed / 1e6 if elapsed > 0 else 0.0
-    click.echo(f"ok: {len(manifest.jobs)} jobs, {len(reports)} datasets, "
-               f"{total / 1e6:.1f} MB checked at {rate:.0f} MB/s")
+    click.echo(
+        f"ok: {len(manifest.jobs)} jobs, {len(reports)} datasets, "
+        f"{total / 1e6:.1f} MB checked at {rate:.0f} MB/s"
+    )
 
 
 # --------------------------------------------------------------------- status
@@ -319,18 +399,34 @@ def status(state_path: Path, as_json: bool, history: bool, names: tuple[str, ...
     if as_json:
         click.echo(json.dumps([r.public() for r in records], indent=2))
     else:
-        click.echo(text_table(
-            ("job", "state", "remote status", "finetune", "model / error"),
-            [(r.name, r.state.value, r.remote_status, r.finetune_id,
-              r.fine_tuned_model or r.error or
-              (f"abandoned datasets: {', '.join(r.abandoned_datasets)}"
-               if r.abandoned_datasets else None)) for r in records],
-        ))
+        click.echo(
+            text_table(
+                ("job", "state", "remote status", "finetune", "model / error"),
+                [
+                    (
+                        r.name,
+                        r.state.value,
+                        r.remote_status,
+                        r.finetune_id,
+                        r.fine_tuned_model
+                        or r.error
+                        or (
+                            f"abandoned datasets: {', '.join(r.abandoned_datasets)}"
+                            if r.abandoned_datasets
+                            else None
+                        ),
+                    )
+                    for r in records
+                ],
+            )
+        )
         for name, transitions in histories.items():
             click.echo(f"\n{name}:")
             for t in transitions:
-                click.echo(f"  {_iso(t.at)}  {t.old.value if t.old else '-'} -> {t.new.value}"
-                           + (f"  ({t.detail})" if t.detail else ""))
+                click.echo(
+                    f"  {_iso(t.at)}  {t.old.value if t.old else '-'} -> {t.new.value}"
+                    + (f"  ({t.detail})" if t.detail else "")
+                )
     if missing:
         raise InputError(f"no such job in {state_path}: {', '.join(missing)}")
 
@@ -348,12 +444,26 @@ def _iso(ts: float) -> str:
 @click.argument("names", nargs=-1)
 @click.option("--all", "cancel_all", is_flag=True, help="Every job that has not ended.")
 @state_option
-@click.option("--manifest", "manifest_path", type=click.Path(path_type=Path),
-              help="Take the gateway URL and API key from this manifest.")
-@click.option("--wait", type=click.FloatRange(0), default=15.0, show_default=True,
-              help="Seconds to wait for a running engine to record the cancel.")
-def cancel(names: tuple[str, ...], cancel_all: bool, state_path: Path,
-           manifest_path: Path | None, wait: float) -> None:
+@click.option(
+    "--manifest",
+    "manifest_path",
+    type=click.Path(path_type=Path),
+    help="Take the gateway URL and API key from this manifest.",
+)
+@click.option(
+    "--wait",
+    type=click.FloatRange(0),
+    default=15.0,
+    show_default=True,
+    help="Seconds to wait for a running engine to record the cancel.",
+)
+def cancel(
+    names: tuple[str, ...],
+    cancel_all: bool,
+    state_path: Path,
+    manifest_path: Path | None,
+    wait: float,
+) -> None:
     """Cancel jobs on the gateway and in the state file, with or without a running engine.
 
     The API key comes from --manifest, else PORTKEY_API_KEY; it is never stored."""
@@ -373,8 +483,12 @@ def cancel(names: tuple[str, ...], cancel_all: bool, state_path: Path,
 
 
 async def _cancel(
-    state_path: Path, names: Sequence[str], cancel_all: bool, api_key: str | None,
-    base_override: str | None, wait: float,
+    state_path: Path,
+    names: Sequence[str],
+    cancel_all: bool,
+    api_key: str | None,
+    base_override: str | None,
+    wait: float,
 ) -> int:
     from orchestrator.gateway import GatewayClient
 
@@ -415,9 +529,16 @@ async def _cancel(
                 for record in fresh.values():
                     if not record.state.terminal:
                         done = record.evolve(state=State.CANCELLED, intent=None, next_poll_at=None)
-                        await store.save(done, Transition(record.name, record.state,
-                                                          State.CANCELLED, done.updated_at,
-                                                          "cancelled from the CLI"))
+                        await store.save(
+                            done,
+                            Transition(
+                                record.name,
+                                record.state,
+                                State.CANCELLED,
+                                done.updated_at,
+                                "cancelled from the CLI",
+                            ),
+                        )
                     await store.clear_cancel(record.name)
             finally:
                 lock.release()
@@ -445,16 +566,25 @@ def _sim_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     for f in reversed(fields(SimConfig)):
         default = getattr(SimConfig(), f.name)
-        fn = click.option(f"--{f.name.replace('_', '-')}", f.name, type=type(default),
-                          default=default, show_default=f.name != "api_key")(fn)
+        fn = click.option(
+            f"--{f.name.replace('_', '-')}",
+            f.name,
+            type=type(default),
+            default=default,
+            show_default=f.name != "api_key",
+        )(fn)
     return fn
 
 
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=8080, show_default=True, help="0 picks a free port.")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where uploaded objects are kept (default: a temporary folder).")
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where uploaded objects are kept (default: a temporary folder).",
+)
 @_sim_options
 def sim(host: str, port: int, data_dir: Path | None, **config: Any) -> None:
     """Run the gateway simulator. The first line printed says where it listens."""
@@ -473,8 +603,13 @@ def sim(host: str, port: int, data_dir: Path | None, **config: Any) -> None:
 
 
 @cli.command()
-@click.option("--manifest", "manifest_path", type=click.Path(path_type=Path), default=None,
-              help="Default: configs/examples/manifest.yaml of this checkout.")
+@click.option(
+    "--manifest",
+    "manifest_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Default: configs/examples/manifest.yaml of this checkout.",
+)
 def demo(manifest_path: Path | None) -> None:
     """Start the simulator and run the example manifest against it."""
     from orchestrator.simulator import SimConfig, running_simulator
@@ -486,9 +621,10 @@ def demo(manifest_path: Path | None) -> None:
     config = SimConfig(validation_seconds=2.0, queue_seconds=1.0, training_seconds=3.0, seed=7)
     with running_simulator(config) as simulator, tempfile.TemporaryDirectory() as tmp:
         s3_dir = manifest_path.parent / "s3"
+        # Objects that the example's s3_key jobs expect to find already in the bucket.
         for path in sorted(s3_dir.rglob("*.jsonl")) if s3_dir.exists() else []:
-            simulator.call(lambda p=path: simulator.simulator.preload(
-                str(p.relative_to(s3_dir)), p))
+            key = str(path.relative_to(s3_dir))
+            simulator.call(partial(simulator.simulator.preload, key, path))
         os.environ["PORTKEY_BASE_URL"] = simulator.url
         os.environ["PORTKEY_API_KEY"] = config.api_key
         state = Path(tmp) / "state.db"
@@ -498,13 +634,16 @@ def demo(manifest_path: Path | None) -> None:
         redactor.add_secret(config.api_key)
         live = sys.stderr.isatty()
         _logging(redactor, quiet=live)
-        code = _run_async(lambda: _run(manifest_path, state, "done", False, (), settings, live,
-                                       redactor))
+        code = _run_async(
+            lambda: _run(manifest_path, state, "done", False, (), settings, live, redactor)
+        )
         click.echo("")
         ctx = click.get_current_context()
         ctx.invoke(status, state_path=state, as_json=False, history=False, names=())
-        click.echo("\n(two jobs fail on purpose: one dataset fails the local checks, one is "
-                   "rejected by the simulated provider)")
+        click.echo(
+            "\n(two jobs fail on purpose: one dataset fails the local checks, one is "
+            "rejected by the simulated provider)"
+        )
     sys.exit(0 if code in (0, 1) else code)
 
 

@@ -62,7 +62,10 @@ def check_example(record: Any) -> tuple[str | None, list[str]]:
         if role not in ROLES:
             if role is None:
                 return f"messages[{index}] has no 'role'", warnings
-            return f"messages[{index}].role {role!r} is not one of system, user, assistant", warnings
+            return (
+                f"messages[{index}].role {role!r} is not one of system, user, assistant",
+                warnings,
+            )
         content = message.get("content")
         if not isinstance(content, str) or not content.strip():
             return f"messages[{index}].content must be a non-empty string", warnings
@@ -112,9 +115,7 @@ def inspect_dataset(path: Path, settings: CheckSettings | None = None) -> Datase
         report.size = size = handle.seek(0, 2)
         handle.seek(0)
         if size > MAX_OBJECT_BYTES:
-            report.errors.append(
-                f"{shown}: {size} bytes is over the 5 GiB limit of one S3 upload"
-            )
+            report.errors.append(f"{shown}: {size} bytes is over the 5 GiB limit of one S3 upload")
             return report
         while True:
             block = handle.read(BLOCK)

@@ -42,12 +42,8 @@ class RunSummary:
             return 2
         if self.interrupted:
             return 130
-        goal_reached = (
-            (lambda s: s is State.SUCCEEDED or s is State.TRAINING)
-            if until == "submitted"
-            else (lambda s: s is State.SUCCEEDED)
-        )
-        ok = all(goal_reached(s) for s in self.states.values()) and not self.changed
+        goal = {State.SUCCEEDED, State.TRAINING} if until == "submitted" else {State.SUCCEEDED}
+        ok = all(s in goal for s in self.states.values()) and not self.changed
         return 0 if ok else 1
 
 
@@ -101,8 +97,10 @@ class Engine:
             outer.cancel_scope.cancel()
         for run in runs:
             summary.states[run.record.name] = run.record.state
-        summary.interrupted = self.stopping and not self.fatal and any(
-            not self._done(run.record.state) for run in runs
+        summary.interrupted = (
+            self.stopping
+            and not self.fatal
+            and any(not self._done(run.record.state) for run in runs)
         )
         summary.fatal = self.fatal
         return summary
@@ -114,8 +112,11 @@ class Engine:
             record = await self._apply(plan)
             if plan.action is Action.CHANGED:
                 summary.changed.append(plan.spec.name)
-                log.warning("spec changed; left alone (use --replace)", job=plan.spec.name,
-                            state=record.state.value if record else None)
+                log.warning(
+                    "spec changed; left alone (use --replace)",
+                    job=plan.spec.name,
+                    state=record.state.value if record else None,
+                )
             if record is None:
                 continue
             run = JobRun(plan.spec, record, plan.report)
@@ -132,21 +133,38 @@ class Engine:
         sha = plan.report.sha256 if plan.report else None
         if plan.action is Action.CREATE:
             record = JobRecord(
-                name=spec.name, fingerprint=plan.fingerprint, manifest=plan.spec.manifest,
-                base_url=self.lc.client.base_url, content_sha256=sha,
+                name=spec.name,
+                fingerprint=plan.fingerprint,
+                manifest=plan.spec.manifest,
+                base_url=self.lc.client.base_url,
+                content_sha256=sha,
             )
             await store.save(record, Transition(spec.name, None, State.PENDING, record.created_at))
             return record
         if plan.action is Action.INVALID:
             assert plan.report is not None
             base = old or JobRecord(
-                name=spec.name, fingerprint=plan.fingerprint, manifest=plan.spec.manifest,
+                name=spec.name,
+                fingerprint=plan.fingerprint,
+                manifest=plan.spec.manifest,
                 base_url=self.lc.client.base_url,
             )
-            record = base.evolve(state=State.FAILED, fingerprint=plan.fingerprint,
-                                 content_sha256=sha, error=plan.report.summary())
-            await store.save(record, Transition(spec.name, old.state if old else None,
-                                                State.FAILED, record.updated_at, "invalid dataset"))
+            record = base.evolve(
+                state=State.FAILED,
+                fingerprint=plan.fingerprint,
+                content_sha256=sha,
+                error=plan.report.summary(),
+            )
+            await store.save(
+                record,
+                Transition(
+                    spec.name,
+                    old.state if old else None,
+                    State.FAILED,
+                    record.updated_at,
+                    "invalid dataset",
+                ),
+            )
             return record
         if plan.action in (Action.RETRY, Action.REPLACE):
             assert old is not None
@@ -156,12 +174,21 @@ class Engine:
                 old = run.record
             await store.clear_cancel(spec.name)
             record = JobRecord(
-                name=spec.name, fingerprint=plan.fingerprint, manifest=plan.spec.manifest,
-                base_url=self.lc.client.base_url, content_sha256=sha, attempt=old.attempt + 1,
-                abandoned_datasets=old.abandoned_datasets, created_at=old.created_at,
+                name=spec.name,
+                fingerprint=plan.fingerprint,
+                manifest=plan.spec.manifest,
+                base_url=self.lc.client.base_url,
+                content_sha256=sha,
+                attempt=old.attempt + 1,
+                abandoned_datasets=old.abandoned_datasets,
+                created_at=old.created_at,
             )
-            await store.save(record, Transition(spec.name, old.state, State.PENDING,
-                                                record.updated_at, plan.action.value))
+            await store.save(
+                record,
+                Transition(
+                    spec.name, old.state, State.PENDING, record.updated_at, plan.action.value
+                ),
+            )
             return record
         return old
 
@@ -195,9 +222,7 @@ class Engine:
                 return
             await self._sleep(run, self.step_retry.delay(failures, error.retry_after, self.lc.rng))
 
-    async def _guarded(
-        self, run: JobRun, step: lifecycle.Step
-    ) -> RetryableError | None:
+    async def _guarded(self, run: JobRun, step: lifecycle.Step) -> RetryableError | None:
         """Run a step; a permanent problem fails the job, a transient one is returned."""
         try:
             await step(self.lc, run)

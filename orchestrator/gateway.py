@@ -104,7 +104,6 @@ class Finetune(GatewayModel):
 M = TypeVar("M", bound=GatewayModel)
 
 
-
 @dataclass(frozen=True)
 class Endpoint:
     name: str
@@ -201,7 +200,9 @@ class GatewayClient:
             base_url=self.base_url,
             headers={API_KEY_HEADER: api_key},
             timeout=httpx.Timeout(
-                connect=s.connect_timeout, read=s.read_timeout, write=s.write_timeout,
+                connect=s.connect_timeout,
+                read=s.read_timeout,
+                write=s.write_timeout,
                 pool=s.pool_timeout,
             ),
             limits=httpx.Limits(

@@ -122,8 +122,11 @@ async def prepare_dataset(lc: Lifecycle, run: JobRun) -> None:
             shared = await lc.store.find_dataset(key)
             if shared is not None and run.record.state is State.PENDING:
                 await lc.transition(
-                    run, State.DATASET_READY, f"reused dataset {shared.dataset_id}",
-                    dataset_id=shared.dataset_id, s3_key=shared.s3_key,
+                    run,
+                    State.DATASET_READY,
+                    f"reused dataset {shared.dataset_id}",
+                    dataset_id=shared.dataset_id,
+                    s3_key=shared.s3_key,
                 )
                 return
         if run.spec.s3_key is None and run.record.state is not State.UPLOADED:
@@ -171,8 +174,12 @@ async def _create_and_upload(lc: Lifecycle, run: JobRun) -> None:
         progress = lc.metrics.upload_progress(run.record.name, run.report.size if run.report else 0)
         try:
             result = await upload_dataset(
-                lc.storage, run.signed_url, run.spec.dataset_path, lc.settings.upload,
-                progress=progress, rng=lc.rng,
+                lc.storage,
+                run.signed_url,
+                run.spec.dataset_path,
+                lc.settings.upload,
+                progress=progress,
+                rng=lc.rng,
             )
         except UploadError as exc:
             if not exc.expired:
@@ -182,8 +189,13 @@ async def _create_and_upload(lc: Lifecycle, run: JobRun) -> None:
         finally:
             lc.metrics.upload_finished(run.record.name)
         lc.metrics.uploaded(result.size, result.seconds)
-        run.log.info("uploaded", bytes=result.size, seconds=round(result.seconds, 3),
-                     attempts=result.attempts, md5=result.md5)
+        run.log.info(
+            "uploaded",
+            bytes=result.size,
+            seconds=round(result.seconds, 3),
+            attempts=result.attempts,
+            md5=result.md5,
+        )
         await lc.transition(run, State.UPLOADED, s3_key=result.key, upload_md5=result.md5)
         return
     raise UploadError(f"signed URL expired {lc.settings.upload.max_fresh_urls + 1} times in a row")
@@ -195,7 +207,11 @@ async def create_finetune(lc: Lifecycle, run: JobRun) -> None:
         await lc.persist(run, intent=CREATE_FINETUNE)
     spec = run.spec
     created = await lc.client.create_finetune(
-        spec.name, spec.virtual_key, spec.provider, spec.model, spec.hyperparameters,
+        spec.name,
+        spec.virtual_key,
+        spec.provider,
+        spec.model,
+        spec.hyperparameters,
         idempotency_key=idempotency_key(run.record, CREATE_FINETUNE),
     )
     await lc.transition(run, State.FINETUNE_CREATED, finetune_id=created.id, intent=None)
@@ -214,7 +230,10 @@ async def start_validation(lc: Lifecycle, run: JobRun) -> None:
     await lc.client.start_validation(run.record.finetune_id)
     now = time.time()
     await lc.transition(
-        run, State.VALIDATING, phase_started_at=now, poll_attempt=0,
+        run,
+        State.VALIDATING,
+        phase_started_at=now,
+        poll_attempt=0,
         next_poll_at=now + lc.settings.poll.initial,
     )
 
@@ -227,12 +246,21 @@ async def await_validation(lc: Lifecycle, run: JobRun) -> None:
     elif phase is Phase.VALIDATION_FAILED or phase is Phase.FAILED:
         message = finetune.failure_message() or finetune.status
         await lc.transition(
-            run, State.FAILED, "validation failed", remote_status=finetune.status,
-            error=f"validation failed: {message}", next_poll_at=None,
+            run,
+            State.FAILED,
+            "validation failed",
+            remote_status=finetune.status,
+            error=f"validation failed: {message}",
+            next_poll_at=None,
         )
     elif phase is Phase.CANCELLED:
-        await lc.transition(run, State.CANCELLED, "cancelled on the gateway",
-                            remote_status=finetune.status, next_poll_at=None)
+        await lc.transition(
+            run,
+            State.CANCELLED,
+            "cancelled on the gateway",
+            remote_status=finetune.status,
+            next_poll_at=None,
+        )
     else:
         await _schedule_poll(lc, run, finetune, lc.settings.poll.validation_deadline, "validation")
 
@@ -255,7 +283,11 @@ async def start_training(lc: Lifecycle, run: JobRun) -> None:
         raise
     now = time.time()
     await lc.transition(
-        run, State.TRAINING, intent=None, phase_started_at=now, poll_attempt=0,
+        run,
+        State.TRAINING,
+        intent=None,
+        phase_started_at=now,
+        poll_attempt=0,
         next_poll_at=now + lc.settings.poll.initial,
     )
 
@@ -268,14 +300,24 @@ async def _already_started(lc: Lifecycle, run: JobRun) -> bool:
     if phase in (Phase.VALIDATING, Phase.CREATED, Phase.VALIDATION_FAILED):
         # Not started, and not startable: the dataset is no longer validated.
         await lc.transition(
-            run, State.FAILED, "not startable", intent=None, remote_status=finetune.status,
+            run,
+            State.FAILED,
+            "not startable",
+            intent=None,
+            remote_status=finetune.status,
             error=f"finetune is {finetune.status} on the gateway; it cannot be started",
         )
         return True
     now = time.time()
     await lc.transition(
-        run, State.TRAINING, "start observed on the gateway", intent=None,
-        remote_status=finetune.status, phase_started_at=now, poll_attempt=0, next_poll_at=now,
+        run,
+        State.TRAINING,
+        "start observed on the gateway",
+        intent=None,
+        remote_status=finetune.status,
+        phase_started_at=now,
+        poll_attempt=0,
+        next_poll_at=now,
     )
     return True
 
@@ -284,15 +326,31 @@ async def await_training(lc: Lifecycle, run: JobRun) -> None:
     """training -> succeeded | failed | cancelled, or the next poll scheduled."""
     finetune, phase = await _observe(lc, run)
     if phase is Phase.SUCCEEDED:
-        await lc.transition(run, State.SUCCEEDED, remote_status=finetune.status,
-                            fine_tuned_model=finetune.slug, next_poll_at=None)
+        await lc.transition(
+            run,
+            State.SUCCEEDED,
+            remote_status=finetune.status,
+            fine_tuned_model=finetune.slug,
+            next_poll_at=None,
+        )
     elif phase in (Phase.FAILED, Phase.VALIDATION_FAILED):
         message = finetune.failure_message() or finetune.status
-        await lc.transition(run, State.FAILED, "training failed", remote_status=finetune.status,
-                            error=f"training failed: {message}", next_poll_at=None)
+        await lc.transition(
+            run,
+            State.FAILED,
+            "training failed",
+            remote_status=finetune.status,
+            error=f"training failed: {message}",
+            next_poll_at=None,
+        )
     elif phase is Phase.CANCELLED:
-        await lc.transition(run, State.CANCELLED, "cancelled on the gateway",
-                            remote_status=finetune.status, next_poll_at=None)
+        await lc.transition(
+            run,
+            State.CANCELLED,
+            "cancelled on the gateway",
+            remote_status=finetune.status,
+            next_poll_at=None,
+        )
     else:
         await _schedule_poll(lc, run, finetune, lc.settings.poll.training_deadline, "training")
 
@@ -307,17 +365,32 @@ async def cancel_job(lc: Lifecycle, run: JobRun) -> None:
         except ConflictError:
             finetune, phase = await _observe(lc, run)
             if phase is Phase.SUCCEEDED:
-                await lc.transition(run, State.SUCCEEDED, "finished before the cancel",
-                                    fine_tuned_model=finetune.slug, remote_status=finetune.status)
+                await lc.transition(
+                    run,
+                    State.SUCCEEDED,
+                    "finished before the cancel",
+                    fine_tuned_model=finetune.slug,
+                    remote_status=finetune.status,
+                )
                 return
             if phase in (Phase.FAILED, Phase.VALIDATION_FAILED):
-                await lc.transition(run, State.FAILED, "failed before the cancel",
-                                    remote_status=finetune.status,
-                                    error=finetune.failure_message() or finetune.status)
+                await lc.transition(
+                    run,
+                    State.FAILED,
+                    "failed before the cancel",
+                    remote_status=finetune.status,
+                    error=finetune.failure_message() or finetune.status,
+                )
                 return
             status = finetune.status
-    await lc.transition(run, State.CANCELLED, "cancel requested", intent=None,
-                        remote_status=status, next_poll_at=None)
+    await lc.transition(
+        run,
+        State.CANCELLED,
+        "cancel requested",
+        intent=None,
+        remote_status=status,
+        next_poll_at=None,
+    )
 
 
 async def _observe(lc: Lifecycle, run: JobRun) -> tuple[Finetune, Phase | None]:
@@ -327,8 +400,10 @@ async def _observe(lc: Lifecycle, run: JobRun) -> tuple[Finetune, Phase | None]:
     phase = lc.statuses.phase_of(finetune.status)
     if phase is None and finetune.status not in run.warned_statuses:
         run.warned_statuses.add(finetune.status or "")
-        run.log.warning("unknown gateway status; treating it as still in progress",
-                        remote_status=finetune.status)
+        run.log.warning(
+            "unknown gateway status; treating it as still in progress",
+            remote_status=finetune.status,
+        )
     return finetune, phase
 
 
@@ -340,14 +415,18 @@ async def _schedule_poll(
     started = record.phase_started_at or now
     if now - started > deadline:
         await lc.transition(
-            run, State.FAILED, f"{what} deadline", remote_status=finetune.status,
+            run,
+            State.FAILED,
+            f"{what} deadline",
+            remote_status=finetune.status,
             error=f"{what} did not finish within {deadline:g}s (last status {finetune.status})",
         )
         return
     attempt = record.poll_attempt + 1
     delay = lc.settings.poll.policy().backoff(attempt)
-    await lc.persist(run, remote_status=finetune.status, poll_attempt=attempt,
-                     next_poll_at=now + delay)
+    await lc.persist(
+        run, remote_status=finetune.status, poll_attempt=attempt, next_poll_at=now + delay
+    )
 
 
 Step = Callable[[Lifecycle, JobRun], Awaitable[None]]

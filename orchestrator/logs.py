@@ -17,8 +17,16 @@ import structlog
 
 _SIGNED_QUERY = re.compile(r"(https?://[^\s?\"'<>]+)\?[^\s\"'<>]*")
 _CREDENTIAL_KEYS = frozenset(
-    {"api_key", "x-portkey-api-key", "authorization", "proxy-authorization", "signed_url",
-     "idempotency_key_secret", "cookie", "set-cookie"}
+    {
+        "api_key",
+        "x-portkey-api-key",
+        "authorization",
+        "proxy-authorization",
+        "signed_url",
+        "idempotency_key_secret",
+        "cookie",
+        "set-cookie",
+    }
 )
 REDACTED = "***"
 

@@ -219,10 +219,14 @@ class _Builder:
             for key_node, value_node in node.value:
                 key_line = key_node.start_mark.line + 1
                 if not isinstance(key_node, ScalarNode):
-                    raise ManifestError(self.shown, key_line, _where(at, {}), "keys must be strings")
+                    raise ManifestError(
+                        self.shown, key_line, _where(at, {}), "keys must be strings"
+                    )
                 key = key_node.value
                 if key in out:
-                    raise ManifestError(self.shown, key_line, _where((*at, key), {}), "duplicate key")
+                    raise ManifestError(
+                        self.shown, key_line, _where((*at, key), {}), "duplicate key"
+                    )
                 self.lines[(*at, key)] = key_line
                 out[key] = self.build(value_node, (*at, key))
             return out
@@ -306,10 +310,10 @@ def _validate(
         section = ManifestSection.model_validate(data)
     except ValidationError as exc:
         first = sorted(exc.errors(), key=lambda e: _line_of(tuple(e["loc"]), lines))[0]
-        at = tuple(first["loc"])
+        loc = tuple(first["loc"])
         if first["type"] == "enum":  # a bad statuses key: point at the key itself
-            at = at[:2]
-        raise fail(at, _message(first)) from None
+            loc = loc[:2]
+        raise fail(loc, _message(first)) from None
     if not section.jobs:
         raise fail(("jobs",), "must list at least one job")
 
@@ -319,7 +323,9 @@ def _validate(
         try:
             base_url = _http_url(env["PORTKEY_BASE_URL"])
         except ValueError:
-            raise ManifestError(shown, 0, "PORTKEY_BASE_URL", "must be an http:// or https:// URL") from None
+            raise ManifestError(
+                shown, 0, "PORTKEY_BASE_URL", "must be an http:// or https:// URL"
+            ) from None
     api_key = gateway.api_key or env.get("PORTKEY_API_KEY") or None
 
     defaults = section.defaults or JobFields()

@@ -41,7 +41,9 @@ class Metrics:
             "orchestrator_transitions", "State transitions", ["old", "new"], registry=r
         )
         self.calls = PromCounter(
-            "orchestrator_gateway_calls", "Gateway HTTP attempts", ["endpoint", "status_class"],
+            "orchestrator_gateway_calls",
+            "Gateway HTTP attempts",
+            ["endpoint", "status_class"],
             registry=r,
         )
         self.retries = PromCounter(

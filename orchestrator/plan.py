@@ -1,12 +1,12 @@
 """What ``run`` would do with each job of a manifest, given the store: no network.
 
-    create     not in the store yet
-    resume     in flight, unchanged: continue from its state
-    unchanged  finished with this same spec: nothing to do
-    changed    spec or dataset edited while in flight or after it ended: left alone
-    retry      failed before, and the spec changed or --retry-failed was given
-    replace    changed, and --replace NAME asked for a fresh start
-    invalid    its local dataset fails the checks: failed without touching the gateway
+create     not in the store yet
+resume     in flight, unchanged: continue from its state
+unchanged  finished with this same spec: nothing to do
+changed    spec or dataset edited while in flight or after it ended: left alone
+retry      failed before, and the spec changed or --retry-failed was given
+replace    changed, and --replace NAME asked for a fresh start
+invalid    its local dataset fails the checks: failed without touching the gateway
 """
 
 from __future__ import annotations
@@ -101,8 +101,15 @@ def plan_jobs(
             action = Action.RETRY
         else:
             action = Action.CHANGED
-        if report is not None and not report.ok and action in (
-            Action.CREATE, Action.RETRY, Action.REPLACE,
+        if (
+            report is not None
+            and not report.ok
+            and action
+            in (
+                Action.CREATE,
+                Action.RETRY,
+                Action.REPLACE,
+            )
         ):
             action = Action.INVALID
         planned.append(PlannedJob(spec, action, fingerprint, record, report))

@@ -159,7 +159,9 @@ class SqliteStore:
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.executescript(_SCHEMA)
             version = int(
-                self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0]
+                self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[
+                    0
+                ]
             )
         except sqlite3.DatabaseError as exc:
             raise InputError(f"{path}: not a usable state file ({exc})") from None

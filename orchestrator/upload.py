@@ -121,7 +121,7 @@ async def upload_dataset(
     rng: random.Random | None = None,
 ) -> UploadResult:
     """PUT ``path`` to ``signed_url``. Raises ``UploadError`` (``expired`` for a stale URL)."""
-    size = path.stat().st_size
+    size = (await anyio.Path(path).stat()).st_size
     if size > MAX_SINGLE_PUT:
         raise UploadError(f"{path}: {size} bytes is over the 5 GiB limit of one S3 PUT")
     key = s3_key_from_url(signed_url)
@@ -146,20 +146,24 @@ async def upload_dataset(
                 raise RetryableError("upload", f"PUT {shown} timed out") from None
             except httpx.TransportError as exc:
                 _rewind(progress, body.sent)
-                raise RetryableError("upload", f"PUT {shown} failed: {type(exc).__name__}") from None
+                raise RetryableError(
+                    "upload", f"PUT {shown} failed: {type(exc).__name__}"
+                ) from None
         return _check_response(response, body.md5.hexdigest(), shown, progress, body.sent)
 
     try:
         with anyio.fail_after(settings.deadline):
-            async for retrying in tenacity.AsyncRetrying(
-                **settings.retry.tenacity_kwargs(rng=rng)
-            ):
+            async for retrying in tenacity.AsyncRetrying(**settings.retry.tenacity_kwargs(rng=rng)):
                 with retrying:
                     md5 = await attempt()
     except TimeoutError:
-        raise UploadError(f"upload to {shown} did not finish within {settings.deadline:g}s") from None
+        raise UploadError(
+            f"upload to {shown} did not finish within {settings.deadline:g}s"
+        ) from None
     except RetryableError as exc:
-        raise UploadError(f"upload to {shown} failed after {attempts} attempts: {exc.message}") from None
+        raise UploadError(
+            f"upload to {shown} failed after {attempts} attempts: {exc.message}"
+        ) from None
     return UploadResult(key, md5, size, time.monotonic() - started, attempts)
 
 
@@ -194,5 +198,7 @@ def _s3_error(body: bytes) -> tuple[str, str]:
     message = _S3_MESSAGE.search(body)
     return (
         code.group(1).decode(errors="replace") if code else "Unknown",
-        message.group(1).decode(errors="replace") if message else body[:200].decode(errors="replace"),
+        message.group(1).decode(errors="replace")
+        if message
+        else body[:200].decode(errors="replace"),
     )

@@ -38,13 +38,15 @@ def sim(sim_config: SimConfig) -> Iterator[SimulatorThread]:
 
 
 def example_line(i: int, extra: str = "") -> str:
-    return json.dumps({
-        "messages": [
-            {"role": "system", "content": "You are helpful."},
-            {"role": "user", "content": f"question {i} {extra}"},
-            {"role": "assistant", "content": f"answer {i}"},
-        ]
-    })
+    return json.dumps(
+        {
+            "messages": [
+                {"role": "system", "content": "You are helpful."},
+                {"role": "user", "content": f"question {i} {extra}"},
+                {"role": "assistant", "content": f"answer {i}"},
+            ]
+        }
+    )
 
 
 def write_dataset(path: Path, examples: int = 12, salt: str = "") -> Path:
@@ -57,8 +59,12 @@ def write_manifest(path: Path, jobs: list[dict[str, Any]], **top: Any) -> Path:
     import yaml
 
     document = {
-        "defaults": {"provider": "openai", "model": "gpt-4o-mini", "virtual_key": "vk-test",
-                     "hyperparameters": {"epochs": 1}},
+        "defaults": {
+            "provider": "openai",
+            "model": "gpt-4o-mini",
+            "virtual_key": "vk-test",
+            "hyperparameters": {"epochs": 1},
+        },
         **top,
         "jobs": jobs,
     }
@@ -75,9 +81,14 @@ def cli_env(sim: SimulatorThread | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, env: dict[str, str], cwd: Path | None = None,
-            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "orchestrator", *args],
-        env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )

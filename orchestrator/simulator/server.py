@@ -236,8 +236,8 @@ class Simulator:
     async def _start_validation(self, request: web.Request) -> web.Response:
         async def act() -> web.Response:
             begun = self.world.start_validation(request.match_info["id"])
-            if begun is not None and begun[1] is not None:
-                finetune, path = begun
+            finetune, path = begun if begun is not None else (None, None)
+            if finetune is not None and path is not None:
                 task = asyncio.create_task(self._validate(finetune, path))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
@@ -246,9 +246,7 @@ class Simulator:
         return await self._guarded("start_validation", request, act)
 
     async def _validate(self, finetune: w.SimFinetune, path: Path) -> None:
-        problem = await asyncio.to_thread(
-            w.check_dataset_file, path, self.config.max_example_chars
-        )
+        problem = await asyncio.to_thread(w.check_dataset_file, path, self.config.max_example_chars)
         self.world.finish_validation(finetune, problem)
 
     async def _start(self, request: web.Request) -> web.Response:
@@ -278,9 +276,13 @@ class Simulator:
         journal.storage_unsigned_amz_headers += len(unsigned)
         if "chunked" in request.headers.get("Transfer-Encoding", "").lower():
             journal.storage_chunked += 1
-            return _s3_error(411, "MissingContentLength", "You must provide the Content-Length HTTP header.")
+            return _s3_error(
+                411, "MissingContentLength", "You must provide the Content-Length HTTP header."
+            )
         if request.content_length is None:
-            return _s3_error(411, "MissingContentLength", "You must provide the Content-Length HTTP header.")
+            return _s3_error(
+                411, "MissingContentLength", "You must provide the Content-Length HTTP header."
+            )
         assert self._signer is not None
         raw_path = request.raw_path.split("?", 1)[0]
         problem = self._signer.verify(
@@ -289,7 +291,9 @@ class Simulator:
         if problem:
             return _s3_error(403, *problem)
         if request.content_length > self.config.max_object_bytes:
-            return _s3_error(400, "EntityTooLarge", "Your proposed upload exceeds the maximum allowed size")
+            return _s3_error(
+                400, "EntityTooLarge", "Your proposed upload exceeds the maximum allowed size"
+            )
         bucket, key = request.match_info["bucket"], request.match_info["key"]
         if bucket != self.config.bucket:
             return _s3_error(404, "NoSuchBucket", "The specified bucket does not exist")
@@ -304,7 +308,11 @@ class Simulator:
                     out.write(block)
                     received += len(block)
             if received != request.content_length:
-                return _s3_error(400, "IncompleteBody", "You did not provide the number of bytes specified by the Content-Length HTTP header")
+                return _s3_error(
+                    400,
+                    "IncompleteBody",
+                    "You did not provide the number of bytes the Content-Length header named",
+                )
             os.replace(partial, target)
         finally:
             partial.unlink(missing_ok=True)

@@ -153,7 +153,14 @@ class World:
             self.journal.idempotent_replays += 1
             return self.finetunes[self.idempotency[("finetune", idem_key)]], False
         ft_id = f"ft_{uuid.UUID(int=self.rng.getrandbits(128)).hex[:20]}"
-        finetune = SimFinetune(id=ft_id, hyperparameters=hyper, **fields_)
+        finetune = SimFinetune(
+            id=ft_id,
+            name=fields_["name"],
+            virtual_key=fields_["virtual_key"],
+            provider=fields_["provider"],
+            model=fields_["model"],
+            hyperparameters=hyper,
+        )
         self.finetunes[ft_id] = finetune
         if idem_key:
             self.idempotency[("finetune", idem_key)] = ft_id
@@ -202,7 +209,10 @@ class World:
         self._touch(finetune)
         obj = self.objects.get(dataset.s3_path)
         if obj is None:
-            finetune.validation_result = (False, f"dataset object not found in S3: {dataset.s3_path}")
+            finetune.validation_result = (
+                False,
+                f"dataset object not found in S3: {dataset.s3_path}",
+            )
             return finetune, None
         return finetune, obj[0]
 
@@ -326,7 +336,8 @@ class Journal:
     storage_chunked: int = 0
 
     def as_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(self.__dict__))
+        data: dict[str, Any] = json.loads(json.dumps(self.__dict__))
+        return data
 
 
 def check_dataset_file(path: Path, max_example_chars: int) -> str | None:

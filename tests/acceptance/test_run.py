@@ -39,10 +39,17 @@ def mixed_manifest(tmp_path: Path, sim: SimulatorThread, count: int) -> tuple[Pa
             jobs.append({"name": name, "dataset": f"data/{name}.jsonl"})
         elif kind < 8:
             write_dataset(tmp_path / f"data/{name}.jsonl", salt=name)
-            jobs.append({"name": name, "dataset": f"data/{name}.jsonl", "provider": "bedrock",
-                         "model": "amazon.titan-text-lite-v1", "virtual_key": "vk-bedrock",
-                         "override_model": "amazon.titan-text-lite-v1:0:4k",
-                         "hyperparameters": {"epochs": 2}})
+            jobs.append(
+                {
+                    "name": name,
+                    "dataset": f"data/{name}.jsonl",
+                    "provider": "bedrock",
+                    "model": "amazon.titan-text-lite-v1",
+                    "virtual_key": "vk-bedrock",
+                    "override_model": "amazon.titan-text-lite-v1:0:4k",
+                    "hyperparameters": {"epochs": 2},
+                }
+            )
         elif kind == 8:
             source = write_dataset(tmp_path / f"s3/{name}.jsonl", salt=name)
             sim.call(lambda s=source, n=name: sim.simulator.preload(f"datasets/{n}.jsonl", s))
@@ -86,8 +93,9 @@ def test_200_mixed_jobs_end_right_and_a_rerun_is_a_no_op(
         else:
             assert job["fine_tuned_model"]
     bedrock = [j for n, j in jobs.items() if int(n[-3:]) % 10 in (6, 7)]
-    assert all(j["fine_tuned_model"].startswith("ft:amazon.titan-text-lite-v1:0:4k:")
-               for j in bedrock)
+    assert all(
+        j["fine_tuned_model"].startswith("ft:amazon.titan-text-lite-v1:0:4k:") for j in bedrock
+    )
 
     journal = sim.journal
     started = [j["finetune_id"] for j in jobs.values() if j["state"] == "succeeded"]
@@ -104,11 +112,15 @@ def test_200_mixed_jobs_end_right_and_a_rerun_is_a_no_op(
 
 
 @pytest.mark.slow
-def test_sigkill_at_random_moments_never_starts_twice(
-    sim: SimulatorThread, tmp_path: Path
-) -> None:
-    sim.simulator.config.update({"validation_seconds": 0.8, "training_seconds": 0.8,
-                                 "latency": 0.005, "latency_jitter": 0.01})
+def test_sigkill_at_random_moments_never_starts_twice(sim: SimulatorThread, tmp_path: Path) -> None:
+    sim.simulator.config.update(
+        {
+            "validation_seconds": 0.8,
+            "training_seconds": 0.8,
+            "latency": 0.005,
+            "latency_jitter": 0.01,
+        }
+    )
     jobs = [{"name": f"k-{i:02d}", "dataset": f"data/k-{i:02d}.jsonl"} for i in range(60)]
     for job in jobs:
         write_dataset(tmp_path / job["dataset"], salt=job["name"])
@@ -116,12 +128,21 @@ def test_sigkill_at_random_moments_never_starts_twice(
     state = tmp_path / "state.db"
     env = cli_env(sim)
     rng = random.Random(42)
-    args = [sys.executable, "-m", "orchestrator", "run", str(manifest), "--state", str(state),
-            *FAST_POLL]
+    args = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "run",
+        str(manifest),
+        "--state",
+        str(state),
+        *FAST_POLL,
+    ]
     kills = 0
     for _ in range(6):
-        process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         time.sleep(rng.uniform(0.4, 1.6))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
@@ -168,8 +189,20 @@ def test_sigint_stops_with_130_and_the_rerun_resumes(sim: SimulatorThread, tmp_p
     state = tmp_path / "state.db"
     env = cli_env(sim)
     process = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", str(manifest), "--state", str(state),
-         *FAST_POLL], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "run",
+            str(manifest),
+            "--state",
+            str(state),
+            *FAST_POLL,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and sum(sim.journal.starts.values()) < 5:
@@ -191,8 +224,9 @@ def test_until_submitted_then_done(sim: SimulatorThread, tmp_path: Path) -> None
     manifest = write_manifest(tmp_path / "m.yaml", [{"name": "a", "dataset": "data/a.jsonl"}])
     state = tmp_path / "state.db"
     env = cli_env(sim)
-    submitted = run_cli("run", str(manifest), "--state", str(state), "--until", "submitted",
-                        *FAST_POLL, env=env)
+    submitted = run_cli(
+        "run", str(manifest), "--state", str(state), "--until", "submitted", *FAST_POLL, env=env
+    )
     assert submitted.returncode == 0
     assert status_json(state, env)["a"]["state"] == "training"
     done = run_cli("run", str(manifest), "--state", str(state), *FAST_POLL, env=env)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import anyio
 import httpx
 import pytest
 
@@ -34,7 +35,7 @@ def client_for(sim: SimulatorThread, key: str | None = None, **kw: object) -> Ga
 
 async def upload(url: str, path: Path) -> None:
     async with httpx.AsyncClient() as http:
-        response = await http.put(url, content=path.read_bytes())
+        response = await http.put(url, content=await anyio.Path(path).read_bytes())
         assert response.status_code == 200, response.text
 
 
@@ -188,8 +189,11 @@ async def test_lost_response_on_create_is_recovered_by_the_key(sim: SimulatorThr
     sim.simulator.config.update({"lost_response_rate": 0.3})
     async with client_for(sim) as client:
         ids = {
-            (await client.create_finetune(f"lost-{i}", "vk", "o", "m", {},
-                                          idempotency_key=f"lost-{i}")).id
+            (
+                await client.create_finetune(
+                    f"lost-{i}", "vk", "o", "m", {}, idempotency_key=f"lost-{i}"
+                )
+            ).id
             for i in range(20)
         }
     assert len(ids) == 20
