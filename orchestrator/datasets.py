@@ -8,16 +8,17 @@ provider may reject. Every problem names the file and the line.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from orchestrator.settings import CheckSettings
 
 ROLES = frozenset({"system", "user", "assistant"})
 MESSAGE_KEYS = frozenset({"role", "content", "name", "weight"})
-BLOCK = 8 * 1024 * 1024
+BLOCK = 1024 * 1024  # small enough to keep memory flat, large enough to cost nothing
 MAX_LINE_BYTES = 64 * 1024 * 1024  # one example larger than this is refused, unread
 MAX_REPORTED = 20
 MAX_OBJECT_BYTES = 5 * 1024**3  # S3's limit for one PUT
@@ -160,20 +161,23 @@ def _check_lines(
     error: Any,
     warn: Any,
 ) -> int:
-    long_chars = settings.long_example_chars
-    loads = json.loads
+    long_bytes = settings.long_example_chars  # bytes >= characters: a cheap upper bound
+    loads = orjson.loads  # parses and checks UTF-8 in one pass, several times faster
     for raw in lines:
         number += 1
-        if not raw.strip():
+        if not raw or raw.isspace():
             continue
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            error(number, f"not valid UTF-8 (byte {exc.start + 1})")
-            continue
-        try:
-            record = loads(text)
-        except json.JSONDecodeError as exc:
+            record = loads(raw)
+        except orjson.JSONDecodeError as exc:
+            if "UTF-8" in str(exc):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as bad:
+                    error(number, f"not valid UTF-8 (byte {bad.start + 1})")
+                    continue
+                error(number, "not valid UTF-8 (a lone surrogate escape)")
+                continue
             error(number, f"not valid JSON: {exc.msg} (column {exc.colno})")
             continue
         problem, warnings = check_example(record)
@@ -183,6 +187,6 @@ def _check_lines(
         report.examples += 1
         for message in warnings:
             warn(number, message)
-        if len(text) > long_chars:
-            warn(number, f"example is {len(text)} characters; providers may reject it")
+        if len(raw) > long_bytes and len(raw.decode("utf-8")) > long_bytes:
+            warn(number, f"example is {len(raw)} bytes; providers may reject it")
     return number

@@ -92,3 +92,33 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def run_measured(*args: str, env: dict[str, str], timeout: float = 300) -> tuple[int, int]:
+    """Run the CLI in a child of a small wrapper; return (exit code, child's peak RSS in KiB)."""
+    wrapper = (
+        "import resource, subprocess, sys\n"
+        "code = subprocess.run([sys.executable, '-m', 'orchestrator', *sys.argv[1:]],"
+        " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode\n"
+        "print(code, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", wrapper, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=True,
+    )
+    code, rss = out.stdout.split()
+    return int(code), int(rss)
+
+
+def write_big_dataset(path: Path, megabytes: int) -> Path:
+    """A valid chat JSONL file of about ``megabytes`` MB, written fast."""
+    line = (example_line(0, "z" * 900) + "\n").encode()
+    block = line * (4 * 1024 * 1024 // len(line))
+    with path.open("wb") as handle:
+        for _ in range(megabytes * 1024 * 1024 // len(block)):
+            handle.write(block)
+    return path

@@ -23,6 +23,7 @@ class SimConfig:
     drop_rate: float = 0.0  # connection dropped before the request is handled
     lost_response_rate: float = 0.0  # handled, then the connection dropped
     storage_error_rate: float = 0.0  # 500/503 from the upload route
+    storage_latency: float = 0.0  # before the upload route looks at a request
     # Lifecycle timings (seconds) and failure rates.
     validation_seconds: float = 2.0
     queue_seconds: float = 1.0

@@ -121,6 +121,8 @@ class Simulator:
             return await handler(request)
         cfg, rng = self.config, self.world.rng
         if not path.startswith("/v1/"):  # the storage host
+            if cfg.storage_latency:
+                await asyncio.sleep(cfg.storage_latency)
             if cfg.storage_error_rate and rng.random() < cfg.storage_error_rate:
                 self.journal.faults["storage_5xx"] += 1
                 return _s3_error(503, "SlowDown", "Please reduce your request rate.")
