@@ -38,7 +38,7 @@ def test_a_large_upload_keeps_memory_flat(sim: SimulatorThread, tmp_path: Path) 
     # The 320 MB file went through the check pass and the PUT without growing the process.
     assert rss["big"] - rss["small"] < 40 * 1024, rss
     key = next(k for k in sim.simulator.world.objects if k.endswith("/big.jsonl"))
-    path, md5, size = sim.simulator.world.objects[key]
+    _, md5, size = sim.simulator.world.objects[key]
     assert size == big.stat().st_size
     digest = hashlib.md5()
     with big.open("rb") as handle:
