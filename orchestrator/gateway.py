@@ -23,10 +23,7 @@ from pydantic.alias_generators import to_camel
 
 from orchestrator.errors import (
     RETRYABLE_STATUSES,
-    AuthError,
-    ConflictError,
     GatewayError,
-    NotFoundError,
     PermanentError,
     RetryableError,
     permanent_for_status,
@@ -280,28 +277,38 @@ class GatewayClient:
         return self._parse(GET_FINETUNE, Finetune, await self._call(GET_FINETUNE, finetune_id))
 
     async def probe(self, attempts: int = 3) -> None:
-        """GET a made-up finetune: proves the URL answers and the key is accepted.
+        """GET a made-up finetune: proves the URL answers like the gateway and takes the key.
 
-        Raises ``AuthError`` for a refused key and ``RetryableError`` only when no HTTP
-        answer came back at all; any other HTTP answer means the gateway is there.
+        Raises ``AuthError`` for a refused key, ``RetryableError`` when no HTTP answer came
+        back at all, and ``PermanentError`` when the answer is not the gateway's envelope.
         """
         path = GET_FINETUNE.path.format(id="orchestrator-preflight-probe")
         for attempt in range(1, attempts + 1):
             try:
-                await self._attempt(GET_FINETUNE, path, None, {})
-                return
-            except RetryableError as exc:
-                if exc.status is not None:
-                    return
+                response = await self._http.get(path)
+            except httpx.TransportError as exc:
                 if attempt == attempts:
-                    raise
+                    raise RetryableError(
+                        GET_FINETUNE.name, self._describe(exc, "connection failed")
+                    ) from None
                 await anyio.sleep(0.2 * attempt)
-            except (NotFoundError, ConflictError):
-                return
-            except PermanentError as exc:
-                if isinstance(exc, AuthError):
-                    raise
-                return
+                continue
+            if response.status_code in RETRYABLE_STATUSES:
+                return  # busy, but there
+            if response.status_code in (401, 403):
+                self._unwrap(GET_FINETUNE, response)
+            try:
+                envelope = response.json()
+            except ValueError:
+                envelope = None
+            if not isinstance(envelope, dict) or "success" not in envelope:
+                raise PermanentError(
+                    GET_FINETUNE.name,
+                    f"{self.base_url} answered HTTP {response.status_code} without the gateway's "
+                    "{success, data} envelope; is the base URL right?",
+                    response.status_code,
+                )
+            return
 
     # ---------------------------------------------------------------- the machinery
 

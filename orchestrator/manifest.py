@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+import httpx
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
@@ -65,6 +66,11 @@ def _job_name(value: Any) -> str:
 def _http_url(value: Any) -> str:
     if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+", value):
         raise ValueError("must be an http:// or https:// URL")
+    try:
+        if not httpx.URL(value).host:
+            raise ValueError("must be an http:// or https:// URL with a host")
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"is not a valid URL ({exc})") from None
     return value.rstrip("/")
 
 
@@ -322,10 +328,8 @@ def _validate(
     if base_url is None and env.get("PORTKEY_BASE_URL"):
         try:
             base_url = _http_url(env["PORTKEY_BASE_URL"])
-        except ValueError:
-            raise ManifestError(
-                shown, 0, "PORTKEY_BASE_URL", "must be an http:// or https:// URL"
-            ) from None
+        except ValueError as exc:
+            raise ManifestError(shown, 0, "PORTKEY_BASE_URL", str(exc)) from None
     api_key = gateway.api_key or env.get("PORTKEY_API_KEY") or None
 
     defaults = section.defaults or JobFields()

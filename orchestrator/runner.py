@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import anyio
 
 from orchestrator.engine import Engine
-from orchestrator.errors import AuthError, GatewayError, InputError
+from orchestrator.errors import AuthError, GatewayError, InputError, RetryableError
 from orchestrator.gateway import GatewayClient
 from orchestrator.lifecycle import Lifecycle
 from orchestrator.manifest import Manifest
@@ -40,8 +40,10 @@ async def check_gateway(client: GatewayClient) -> None:
         raise InputError(
             f"gateway {client.base_url} refused the API key (HTTP {exc.status})"
         ) from None
-    except GatewayError as exc:
+    except RetryableError as exc:
         raise InputError(f"cannot reach gateway {client.base_url}: {exc.message}") from None
+    except GatewayError as exc:
+        raise InputError(f"gateway {client.base_url}: {exc.message}") from None
 
 
 @asynccontextmanager
