@@ -116,7 +116,7 @@ def test_cancel_beside_a_running_engine(sim: SimulatorThread, tmp_path: Path) ->
         out = run_cli("cancel", "--all", "--state", str(state), env=env)
         assert out.returncode == 0, out.stderr
         assert "a: cancelled" in out.stdout and "b: cancelled" in out.stdout
-        stdout, stderr = runner.communicate(timeout=30)
+        _, stderr = runner.communicate(timeout=30)
     finally:
         runner.kill()
     assert runner.returncode == 1, stderr[-2000:]
