@@ -558,6 +558,82 @@ async def _cancel(
         store.close()
 
 
+# --------------------------------------------------------------------- daemon
+
+
+@cli.command()
+@click.option(
+    "--watch",
+    "watch_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder of *.yaml / *.yml manifests.",
+)
+@state_option
+@click.option(
+    "--listen",
+    default="127.0.0.1:9464",
+    show_default=True,
+    help="HOST:PORT for /healthz, /metrics and /jobs (port 0 picks one).",
+)
+@click.option(
+    "--rescan",
+    type=click.FloatRange(0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds between full rescans of the folder, besides file events.",
+)
+@click.option("--force-polling", is_flag=True, help="Poll the folder instead of file events.")
+@click.option(
+    "--shutdown-grace",
+    type=click.FloatRange(0),
+    default=10.0,
+    show_default=True,
+    help="Seconds in-flight steps get to finish on SIGTERM/SIGINT.",
+)
+@_settings_options
+def daemon(
+    watch_dir: Path,
+    state_path: Path,
+    listen: str,
+    rescan: float,
+    force_polling: bool,
+    shutdown_grace: float,
+    **settings_kw: Any,
+) -> None:
+    """Watch a folder of manifests and drive their jobs until SIGTERM."""
+    from orchestrator.daemon import Daemon, parse_listen
+
+    address = parse_listen(listen)
+    if not watch_dir.is_dir():
+        raise InputError(f"--watch {watch_dir}: not a folder")
+    settings = replace(_settings(**settings_kw), shutdown_grace=shutdown_grace)
+    redactor = Redactor()
+    configure_logging(redactor)
+    # Every manifest's key is registered as it loads; the environment's one now.
+    redactor.add_secret(os.environ.get("PORTKEY_API_KEY"))
+    lock = OwnerLock(state_path)
+    lock.acquire()
+    try:
+        store = SqliteStore(state_path)
+        try:
+            service = Daemon(
+                watch_dir,
+                store,
+                settings,
+                Metrics(),
+                listen=address,
+                rescan_interval=rescan,
+                force_polling=force_polling,
+                redactor=redactor,
+            )
+            _run_async(service.run)
+        finally:
+            store.close()
+    finally:
+        lock.release()
+
+
 # ------------------------------------------------------------------------ sim
 
 

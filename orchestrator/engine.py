@@ -59,6 +59,8 @@ class Engine:
         self.until = until
         self.step_retry = step_retry
         self.runs: dict[str, JobRun] = {}
+        self.active = 0  # drive() calls under way
+        self._idle = anyio.Event()
         self.stopping = False
         self.fatal: str | None = None
         self.last_tick = time.monotonic()  # the daemon's health check reads it
@@ -199,6 +201,26 @@ class Engine:
 
     async def drive(self, run: JobRun) -> None:
         """Advance one job until it is done, cancelled, or the engine stops."""
+        self.active += 1
+        try:
+            await self._drive(run)
+        finally:
+            self.active -= 1
+            if not self.active:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Until no job is being driven (after ``stop``, the in-flight steps have ended)."""
+        while self.active:
+            if self._idle.is_set():
+                self._idle = anyio.Event()
+            await self._idle.wait()
+
+    def is_driving(self, name: str) -> bool:
+        run = self.runs.get(name)
+        return run is not None and not self._done(run.record.state)
+
+    async def _drive(self, run: JobRun) -> None:
         failures = 0
         while not self._done(run.record.state) and not self.stopping:
             if run.cancel_requested:

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client import Counter as PromCounter
+
+from orchestrator.states import State
 
 
 @dataclass
@@ -95,10 +97,7 @@ class Metrics:
     def upload_finished(self, name: str) -> None:
         self.uploads.pop(name, None)
 
-    def set_job_states(self, states: Iterable[str]) -> None:
-        counts = Counter(states)
-        from orchestrator.states import State
-
+    def set_job_counts(self, counts: Mapping[str, int]) -> None:
         for state in State:
             self.jobs.labels(state.value).set(counts.get(state.value, 0))
 

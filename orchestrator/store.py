@@ -55,6 +55,11 @@ class CheckpointStore(Protocol):
 
     async def clear_cancel(self, name: str) -> None: ...
 
+    async def count_by_state(self) -> dict[str, int]: ...
+
+    async def healthy(self) -> bool:
+        """True when the store can take a write right now."""
+
     async def find_dataset(self, content_key: str) -> SharedDataset | None: ...
 
     async def remember_dataset(self, shared: SharedDataset) -> None: ...
@@ -319,6 +324,26 @@ class SqliteStore:
 
         await self._run(write)
 
+    async def count_by_state(self) -> dict[str, int]:
+        def read() -> dict[str, int]:
+            rows = self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state")
+            return {state: count for state, count in rows}
+
+        result: dict[str, int] = await self._run(read)
+        return result
+
+    async def healthy(self) -> bool:
+        def probe() -> bool:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("ROLLBACK")
+            except sqlite3.Error:
+                return False
+            return True
+
+        result: bool = await self._run(probe)
+        return result
+
 
 class MemoryStore:
     """The same contract in memory, for unit tests of the lifecycle."""
@@ -354,6 +379,15 @@ class MemoryStore:
 
     async def find_dataset(self, content_key: str) -> SharedDataset | None:
         return self.datasets.get(content_key)
+
+    async def count_by_state(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for record in self.jobs.values():
+            counts[record.state.value] = counts.get(record.state.value, 0) + 1
+        return counts
+
+    async def healthy(self) -> bool:
+        return True
 
     async def remember_dataset(self, shared: SharedDataset) -> None:
         self.datasets[shared.content_key] = shared

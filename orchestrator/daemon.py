@@ -1,0 +1,283 @@
+"""The long-running service: watch a folder of manifests, drive their jobs with the same
+engine as ``run``, serve ``/healthz``, ``/metrics`` and ``/jobs``, and stop cleanly.
+
+Editing a manifest admits its new (or retried) jobs; jobs already being driven carry on.
+Removing a manifest does not cancel its jobs: those already admitted are followed to
+their end, and nothing new starts from that file. ``orchestrator cancel`` against the
+same state file cancels jobs while the daemon runs (the store is the control plane).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import structlog
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from orchestrator.engine import Engine, RunSummary
+from orchestrator.errors import InputError
+from orchestrator.logs import Redactor
+from orchestrator.manifest import Manifest, load_manifest
+from orchestrator.metrics import Metrics
+from orchestrator.plan import inspect_datasets, plan_jobs
+from orchestrator.runner import gateway_of, open_engine
+from orchestrator.settings import EngineSettings
+from orchestrator.store import SqliteStore
+
+log = structlog.get_logger("daemon")
+MANIFEST_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass
+class ManifestFile:
+    path: Path
+    signature: tuple[int, int] = (0, 0)  # (mtime_ns, size) when last loaded
+    error: str | None = None
+    jobs: tuple[str, ...] = ()
+
+
+@dataclass
+class Daemon:
+    watch_dir: Path
+    store: SqliteStore
+    settings: EngineSettings
+    metrics: Metrics
+    listen: tuple[str, int] = ("127.0.0.1", 9464)
+    rescan_interval: float = 30.0
+    force_polling: bool = False
+    redactor: Redactor | None = None
+    manifests: dict[Path, ManifestFile] = field(default_factory=dict)
+    engines: dict[tuple[str, str], Engine] = field(default_factory=dict)
+    owners: dict[str, Path] = field(default_factory=dict)  # job name -> manifest that owns it
+    stopping: bool = False
+    heartbeat: float = field(default_factory=time.monotonic)
+    url: str = ""
+    _tg: anyio.abc.TaskGroup | None = None
+    _engine_groups: dict[tuple[str, str], anyio.abc.TaskGroup] = field(default_factory=dict)
+    _reload_lock: anyio.Lock = field(default_factory=anyio.Lock)
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self) -> None:
+        """Until SIGTERM/SIGINT; then stop new steps, wait a bounded time, return."""
+        async with AsyncExitStack() as stack:
+            runner = await self._start_http()
+            stack.push_async_callback(runner.cleanup)
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._heartbeat)
+                tg.start_soon(self._watch)
+                await self._rescan()
+                await self._wait_for_signal()
+                await self._shutdown(tg)
+
+    async def _wait_for_signal(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+            async for signum in received:
+                log.info("shutting down", signal=signal.Signals(signum).name)
+                return
+
+    async def _shutdown(self, tg: anyio.abc.TaskGroup) -> None:
+        self.stopping = True
+        for engine in self.engines.values():
+            engine.stop()
+        with anyio.move_on_after(self.settings.shutdown_grace):
+            for engine in self.engines.values():
+                await engine.wait_idle()
+        left = sum(engine.active for engine in self.engines.values())
+        if left:
+            log.warning("grace period over; leaving steps to the next start", jobs=left)
+        tg.cancel_scope.cancel()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self.heartbeat = time.monotonic()
+            await anyio.sleep(1.0)
+
+    # ------------------------------------------------------------------ watching
+
+    async def _watch(self) -> None:
+        """File events trigger a rescan; a periodic rescan covers what events miss."""
+        import watchfiles
+
+        async def periodic() -> None:
+            while True:
+                await anyio.sleep(self.rescan_interval)
+                await self._rescan()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(periodic)
+            try:
+                async for _ in watchfiles.awatch(
+                    self.watch_dir,
+                    debounce=200,
+                    step=50,
+                    recursive=False,
+                    force_polling=self.force_polling or None,
+                ):
+                    await self._rescan()
+            except (OSError, RuntimeError) as exc:  # no inotify here: polling alone
+                log.warning(
+                    "file watching unavailable; polling",
+                    error=str(exc),
+                    interval=self.rescan_interval,
+                )
+                await anyio.sleep_forever()
+
+    async def _rescan(self) -> None:
+        async with self._reload_lock:
+            if self.stopping:
+                return
+            present = (
+                {
+                    p
+                    for p in self.watch_dir.iterdir()
+                    if p.suffix in MANIFEST_SUFFIXES and p.is_file()
+                }
+                if self.watch_dir.is_dir()
+                else set()
+            )
+            for path in sorted(present):
+                stat = path.stat()
+                signature = (stat.st_mtime_ns, stat.st_size)
+                entry = self.manifests.setdefault(path, ManifestFile(path))
+                if entry.signature != signature:
+                    entry.signature = signature
+                    await self._load(entry)
+            for path in set(self.manifests) - present:
+                entry = self.manifests.pop(path)
+                log.info(
+                    "manifest removed; its jobs are not cancelled",
+                    manifest=str(path),
+                    jobs=len(entry.jobs),
+                )
+            self.metrics.manifest_errors.set(sum(1 for m in self.manifests.values() if m.error))
+
+    async def _load(self, entry: ManifestFile) -> None:
+        try:
+            manifest = load_manifest(entry.path)
+            gateway_of(manifest)
+            if self.redactor is not None:
+                self.redactor.add_secret(manifest.api_key)
+            for job in manifest.jobs:
+                owner = self.owners.get(job.name)
+                if owner is not None and owner != entry.path and owner in self.manifests:
+                    raise InputError(
+                        f"{entry.path}:{job.line}: jobs ({job.name}).name: "
+                        f"already used by {owner.name}"
+                    )
+            engine = await self._engine_for(manifest)
+        except InputError as exc:
+            entry.error = str(exc)
+            log.error("manifest skipped", manifest=str(entry.path), error=entry.error)
+            return
+        entry.error = None
+        entry.jobs = tuple(job.name for job in manifest.jobs)
+        for name in entry.jobs:
+            self.owners[name] = entry.path
+        reports = await inspect_datasets(manifest.jobs, self.settings.check)
+        specs = [job for job in manifest.jobs if not engine.is_driving(job.name)]
+        records = await self.store.load([job.name for job in specs])
+        planned = plan_jobs(specs, reports, records)
+        runs = await engine.admit(planned, RunSummary())
+        group = self._engine_groups[self._key(manifest)]
+        for run in runs:
+            group.start_soon(engine.drive, run)
+        log.info(
+            "manifest loaded", manifest=str(entry.path), jobs=len(manifest.jobs), driving=len(runs)
+        )
+
+    @staticmethod
+    def _key(manifest: Manifest) -> tuple[str, str]:
+        return gateway_of(manifest)
+
+    async def _engine_for(self, manifest: Manifest) -> Engine:
+        """One engine per gateway (URL and key), living until the daemon stops."""
+        key = self._key(manifest)
+        if key not in self.engines:
+            assert self._tg is not None
+            await self._tg.start(self._host_engine, manifest, key)
+        return self.engines[key]
+
+    async def _host_engine(
+        self,
+        manifest: Manifest,
+        key: tuple[str, str],
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        async with (
+            open_engine(manifest, self.store, self.settings, self.metrics) as engine,
+            anyio.create_task_group() as group,
+        ):
+            self.engines[key] = engine
+            self._engine_groups[key] = group
+            group.start_soon(engine.watch_cancels)
+            task_status.started()
+            await anyio.sleep_forever()
+
+    # ---------------------------------------------------------------------- HTTP
+
+    async def _start_http(self) -> web.AppRunner:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/jobs", self._jobs)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, *self.listen)
+        await site.start()
+        sockets = site._server.sockets  # type: ignore[union-attr]
+        host, port = sockets[0].getsockname()[:2]
+        self.url = f"http://{host}:{port}"
+        print(f"daemon listening on {self.url}", flush=True)
+        log.info("http endpoint listening", url=self.url, watch=str(self.watch_dir))
+        return runner
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        loop_alive = time.monotonic() - self.heartbeat < 5.0
+        writable = await self.store.healthy()
+        ok = loop_alive and writable and not self.stopping
+        body = {
+            "ok": ok,
+            "loop_alive": loop_alive,
+            "store_writable": writable,
+            "stopping": self.stopping,
+        }
+        return web.json_response(body, status=200 if ok else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        self.metrics.set_job_counts(await self.store.count_by_state())
+        return web.Response(
+            body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
+
+    async def _jobs(self, request: web.Request) -> web.Response:
+        records = await self.store.load()
+        out: list[dict[str, Any]] = [records[n].public() for n in sorted(records)]
+        for entry in self.manifests.values():
+            if entry.error:
+                out.append(
+                    {
+                        "name": entry.path.name,
+                        "state": "manifest_error",
+                        "manifest": str(entry.path),
+                        "error": entry.error,
+                    }
+                )
+        return web.Response(text=json.dumps(out, indent=2), content_type="application/json")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(f"--listen {value}: expected HOST:PORT, for example 127.0.0.1:9464")
+    return host.strip("[]"), int(port)

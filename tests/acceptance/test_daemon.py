@@ -1,0 +1,245 @@
+"""The daemon as a subprocess beside the simulator: watch, edit, SIGTERM, restart."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from orchestrator.simulator import SimConfig, SimulatorThread
+from tests.conftest import FAST, cli_env, run_cli, write_dataset, write_manifest
+
+SECRET = "sk-daemon-secret-4f9a1c"
+
+
+@pytest.fixture
+def sim_config() -> SimConfig:
+    return SimConfig(seed=3, api_key=SECRET, **{**FAST, "training_seconds": 1.5})
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class DaemonProcess:
+    def __init__(self, folder: Path, sim: SimulatorThread, log: Path) -> None:
+        self.folder, self.sim, self.log = folder, sim, log
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[str] | None = None
+
+    def start(self) -> subprocess.Popen[str]:
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "orchestrator",
+                    "daemon",
+                    "--watch",
+                    str(self.folder / "watch"),
+                    "--state",
+                    str(self.folder / "state.db"),
+                    "--listen",
+                    f"127.0.0.1:{self.port}",
+                    "--rescan",
+                    "0.5",
+                    "--poll-interval",
+                    "0.05",
+                    "--poll-max",
+                    "0.2",
+                ],
+                env=cli_env(self.sim),
+                stdout=log,
+                stderr=log,
+                text=True,
+            )
+        wait_for(lambda: self._healthy(), "daemon to answer /healthz")
+        return self.process
+
+    def _healthy(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def jobs(self) -> list[dict[str, Any]]:
+        response = httpx.get(f"{self.url}/jobs", timeout=5)
+        response.raise_for_status()
+        jobs: list[dict[str, Any]] = response.json()
+        return jobs
+
+    def states(self) -> dict[str, str]:
+        return {j["name"]: j["state"] for j in self.jobs()}
+
+    def terminate(self) -> tuple[int, float]:
+        assert self.process is not None
+        started = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        return code, time.monotonic() - started
+
+
+def wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, sim: SimulatorThread) -> Iterator[DaemonProcess]:
+    (tmp_path / "watch").mkdir()
+    process = DaemonProcess(tmp_path, sim, tmp_path / "daemon.log")
+    yield process
+    if process.process is not None and process.process.poll() is None:
+        process.process.kill()
+        process.process.wait()
+
+
+def manifest_jobs(tmp_path: Path, names: list[str]) -> list[dict[str, str]]:
+    for name in names:
+        write_dataset(tmp_path / f"data/{name}.jsonl", salt=name)
+    return [{"name": n, "dataset": str(tmp_path / f"data/{n}.jsonl")} for n in names]
+
+
+def drop(path: Path, jobs: list[dict[str, str]]) -> None:
+    """Write next to the folder, then rename in: the daemon never sees half a file."""
+    staging = path.parent.parent / f".{path.name}.tmp"
+    write_manifest(staging, jobs)
+    staging.replace(path)
+
+
+@pytest.mark.slow
+def test_watch_edit_sigterm_restart_exactly_one_start(
+    daemon: DaemonProcess, sim: SimulatorThread, tmp_path: Path
+) -> None:
+    daemon.start()
+    watched = tmp_path / "watch/team.yaml"
+    jobs = manifest_jobs(tmp_path, [f"d-{i}" for i in range(8)])
+    drop(watched, jobs)
+    # SIGTERM in the middle: some jobs are training, none has finished.
+    wait_for(lambda: sum(sim.journal.starts.values()) >= 3, "training to start")
+    code, seconds = daemon.terminate()
+    assert code == 0 and seconds < 12
+    interrupted = {j["name"]: j["state"] for j in daemon_jobs_from_state(tmp_path)}
+    assert len(interrupted) == 8 and "training" in interrupted.values()
+    assert "succeeded" not in interrupted.values()
+
+    daemon.start()
+    wait_for(
+        lambda: set(daemon.states().values()) == {"succeeded"} and len(daemon.states()) == 8,
+        "the first eight jobs",
+    )
+    drop(watched, [*jobs, *manifest_jobs(tmp_path, ["d-new"])])
+    wait_for(lambda: daemon.states().get("d-new") == "succeeded", "the added job")
+    code, _ = daemon.terminate()
+    assert code == 0
+    journal = sim.journal
+    finetunes = {j["finetune_id"] for j in daemon_jobs_from_state(tmp_path)}
+    assert len(finetunes) == 9
+    assert all(journal.starts[f] == 1 for f in finetunes) and len(journal.starts) == 9
+    assert all(n == 1 for n in journal.finetune_creates.values())
+
+    # Nothing of the API key in any log line or in the state file.
+    assert SECRET not in (tmp_path / "daemon.log").read_text()
+    for path in tmp_path.glob("state.db*"):
+        assert SECRET.encode() not in path.read_bytes()
+    log_lines = [
+        json.loads(line)
+        for line in (tmp_path / "daemon.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
+    job_events = [e for e in log_lines if e.get("job")]
+    assert job_events and all(
+        {"job", "state", "dataset_id", "finetune_id", "timestamp"} <= set(e) for e in job_events
+    )
+    assert all(e["timestamp"].endswith("Z") for e in log_lines)
+
+
+def daemon_jobs_from_state(tmp_path: Path) -> list[dict[str, Any]]:
+    out = run_cli("status", "--json", "--state", str(tmp_path / "state.db"), env=cli_env())
+    jobs: list[dict[str, Any]] = json.loads(out.stdout)
+    return jobs
+
+
+def test_metrics_bad_manifests_second_daemon_and_cancel(
+    daemon: DaemonProcess, sim: SimulatorThread, tmp_path: Path
+) -> None:
+    sim.simulator.config.update({"training_seconds": 60})
+    daemon.start()
+    (tmp_path / "watch/broken.yaml").write_text("jobs: [unclosed\n")
+    drop(tmp_path / "watch/good.yml", manifest_jobs(tmp_path, ["m-1", "m-2"]))
+    wait_for(
+        lambda: (
+            daemon.states().get("m-1") == "training" and daemon.states().get("m-2") == "training"
+        ),
+        "training",
+    )
+    jobs = daemon.jobs()
+    broken = [j for j in jobs if j["state"] == "manifest_error"]
+    assert len(broken) == 1 and "broken.yaml:2: YAML syntax error" in broken[0]["error"]
+    assert "manifest skipped" in (tmp_path / "daemon.log").read_text()
+
+    text = httpx.get(f"{daemon.url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    training = [s for s in families["orchestrator_jobs"].samples if s.labels["state"] == "training"]
+    assert training[0].value == 2
+    for name in (
+        "orchestrator_transitions",
+        "orchestrator_gateway_calls",
+        "orchestrator_gateway_retries",
+        "orchestrator_polls",
+        "orchestrator_upload_bytes",
+        "orchestrator_upload_seconds",
+    ):
+        assert name in families
+    calls = [
+        s
+        for s in families["orchestrator_gateway_calls"].samples
+        if s.name.endswith("_total") and s.labels["endpoint"] == "start_finetune"
+    ]
+    assert calls and calls[0].labels["status_class"] == "2xx" and calls[0].value == 2
+
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "daemon",
+            "--watch",
+            str(tmp_path / "watch"),
+            "--state",
+            str(tmp_path / "state.db"),
+            "--listen",
+            f"127.0.0.1:{free_port()}",
+        ],
+        env=cli_env(sim),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert second.returncode == 2 and "in use by pid" in second.stderr
+
+    # The store is the control plane: cancel from the CLI while the daemon owns the state.
+    out = run_cli("cancel", "m-1", "--state", str(tmp_path / "state.db"), env=cli_env(sim))
+    assert out.returncode == 0 and "m-1: cancelled" in out.stdout, out.stderr
+    wait_for(lambda: daemon.states()["m-1"] == "cancelled", "the cancel to land")
+    assert daemon.states()["m-2"] == "training"
+    code, _ = daemon.terminate()
+    assert code == 0
