@@ -159,17 +159,13 @@ async def _create_and_upload(lc: Lifecycle, run: JobRun) -> None:
     assert run.spec.dataset_path is not None
     for _ in range(lc.settings.upload.max_fresh_urls + 1):
         if run.signed_url is None:
-            record = run.record
-            if record.state is State.DATASET_CREATED and record.intent != CREATE_DATASET:
-                # Its URL was lost in a restart or has expired: abandon it for a fresh one.
-                assert record.dataset_id is not None
-                await lc.persist(
-                    run,
-                    abandoned_datasets=(*record.abandoned_datasets, record.dataset_id),
-                    attempt=record.attempt + 1,
-                )
-                run.log.warning("dataset abandoned", abandoned=record.dataset_id)
+            # Resumed without a URL (never stored): ask again with the same key. A gateway
+            # that honours it returns the same dataset with a URL; one that does not makes
+            # a new dataset, and the old one is recorded as abandoned.
+            previous = run.record.dataset_id if run.record.state is State.DATASET_CREATED else None
             await _create_dataset(lc, run)
+            if previous and previous != run.record.dataset_id:
+                await _abandon(lc, run, previous)
         assert run.signed_url is not None
         progress = lc.metrics.upload_progress(run.record.name, run.report.size if run.report else 0)
         try:
@@ -184,6 +180,9 @@ async def _create_and_upload(lc: Lifecycle, run: JobRun) -> None:
         except UploadError as exc:
             if not exc.expired:
                 raise
+            # No endpoint re-signs a URL: a fresh one needs a fresh dataset, so a new
+            # attempt (and idempotency key); the loop then abandons the expired one.
+            await lc.persist(run, attempt=run.record.attempt + 1)
             run.signed_url = None
             continue
         finally:
@@ -199,6 +198,11 @@ async def _create_and_upload(lc: Lifecycle, run: JobRun) -> None:
         await lc.transition(run, State.UPLOADED, s3_key=result.key, upload_md5=result.md5)
         return
     raise UploadError(f"signed URL expired {lc.settings.upload.max_fresh_urls + 1} times in a row")
+
+
+async def _abandon(lc: Lifecycle, run: JobRun, dataset_id: str) -> None:
+    await lc.persist(run, abandoned_datasets=(*run.record.abandoned_datasets, dataset_id))
+    run.log.warning("dataset abandoned", abandoned=dataset_id)
 
 
 async def create_finetune(lc: Lifecycle, run: JobRun) -> None:

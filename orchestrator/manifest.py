@@ -24,6 +24,7 @@ from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from orchestrator.errors import InputError
 from orchestrator.statuses import Phase, StatusMap, default_status_map
 
+MAX_NODES = 1_000_000
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 Path_ = tuple[str | int, ...]
@@ -217,8 +218,18 @@ class _Builder:
         self.shown, self.env = shown, env
         self.lines: dict[Path_, int] = {}
         self._scalars = yaml.SafeLoader("")  # constructs typed scalars: int, bool, ...
+        self._budget = MAX_NODES
 
     def build(self, node: Node, at: Path_ = ()) -> Any:
+        # Aliases share nodes, so a small file can expand exponentially ("billion laughs").
+        self._budget -= 1
+        if self._budget < 0:
+            raise ManifestError(
+                self.shown,
+                node.start_mark.line + 1,
+                _where(at, {}),
+                f"manifest expands to more than {MAX_NODES} values (aliases?)",
+            )
         self.lines.setdefault(at, node.start_mark.line + 1)
         if isinstance(node, MappingNode):
             out: dict[str, Any] = {}
