@@ -105,7 +105,7 @@ def inspect_dataset(path: Path, settings: CheckSettings | None = None) -> Datase
 
     digest = hashlib.sha256()
     number = 0  # lines seen so far
-    carry = b""
+    carry = bytearray()  # grows in place: a long line costs no quadratic copying
     skipping = False  # inside a line too long to hold
     try:
         handle = path.open("rb")
@@ -130,18 +130,22 @@ def inspect_dataset(path: Path, settings: CheckSettings | None = None) -> Datase
                     skipping = True
                     error(number + 1, f"line longer than {MAX_LINE_BYTES} bytes")
                 if skipping:
-                    carry = b""
+                    carry.clear()
                 continue
+            if carry and not skipping and len(carry) + block.find(b"\n") > MAX_LINE_BYTES:
+                error(number + 1, f"line longer than {MAX_LINE_BYTES} bytes")
+                carry.clear()  # its tail, up to the newline, is dropped below
+                skipping = True
             lines = (carry + block[: cut + 1]).split(b"\n")
             lines.pop()  # the empty piece after the last newline
-            carry = block[cut + 1 :]
+            carry = bytearray(block[cut + 1 :])
             if skipping:  # the first piece is the tail of the overlong line
                 number += 1
                 skipping = False
                 lines = lines[1:]
             number = _check_lines(lines, number, settings, report, error, warn)
         if carry and not skipping:
-            number = _check_lines([carry], number, settings, report, error, warn)
+            number = _check_lines([bytes(carry)], number, settings, report, error, warn)
     report.sha256 = digest.hexdigest()
     if report.examples == 0 and not report.errors:
         error(max(number, 1), "dataset has no examples")
@@ -154,7 +158,7 @@ def inspect_dataset(path: Path, settings: CheckSettings | None = None) -> Datase
 
 
 def _check_lines(
-    lines: list[bytes],
+    lines: list[bytes] | list[bytearray],
     number: int,
     settings: CheckSettings,
     report: DatasetReport,

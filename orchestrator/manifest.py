@@ -197,8 +197,11 @@ def load_manifest(path: Path, env: Mapping[str, str] | None = None) -> Manifest:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 0
         problem = exc.problem or exc.context or "invalid YAML"
+        if "<stream end>" in problem and exc.context_mark is not None:
+            mark = exc.context_mark  # an unclosed bracket: point where it was opened
+            problem += f" ({exc.context} opened here)" if exc.context else ""
+        line = mark.line + 1 if mark else 0
         raise ManifestError(shown, line, "", f"YAML syntax error: {problem}") from None
     except yaml.YAMLError as exc:
         raise ManifestError(shown, 0, "", f"YAML error: {exc}") from None
