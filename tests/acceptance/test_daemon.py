@@ -193,7 +193,7 @@ def test_metrics_bad_manifests_second_daemon_and_cancel(
     )
     jobs = daemon.jobs()
     broken = [j for j in jobs if j["state"] == "manifest_error"]
-    assert len(broken) == 1 and "broken.yaml:2: YAML syntax error" in broken[0]["error"]
+    assert len(broken) == 1 and "broken.yaml:1: YAML syntax error" in broken[0]["error"]
     assert "manifest skipped" in (tmp_path / "daemon.log").read_text()
 
     text = httpx.get(f"{daemon.url}/metrics").text
