@@ -96,6 +96,7 @@ def _settings(
     return replace(
         base,
         client=replace(base.client, max_connections=api_concurrency, max_keepalive=api_concurrency),
+        step_concurrency=api_concurrency,
         upload=replace(UploadSettings(), concurrency=upload_concurrency),
         poll=replace(PollSettings(), initial=poll_interval, maximum=max(poll_max, poll_interval)),
         check=replace(CheckSettings(), min_examples=min_examples),

@@ -218,6 +218,7 @@ class Daemon:
             open_engine(manifest, self.store, self.settings, self.metrics) as engine,
             anyio.create_task_group() as group,
         ):
+            engine.lc.clock.estimates.update(await self.store.load_estimates())
             self.engines[key] = engine
             self._engine_groups[key] = group
             group.start_soon(engine.watch_cancels)

@@ -56,6 +56,7 @@ class Engine:
         step_retry: RetryPolicy = STEP_RETRY,
     ) -> None:
         self.lc = lc
+        lc.on_estimate = self._estimate_dropped
         self.until = until
         self.step_retry = step_retry
         self.runs: dict[str, JobRun] = {}
@@ -63,6 +64,7 @@ class Engine:
         self._idle = anyio.Event()
         self.stopping = False
         self.fatal: str | None = None
+        self.step_slots = anyio.CapacityLimiter(lc.settings.step_concurrency)
         self.last_tick = time.monotonic()  # the daemon's health check reads it
 
     # ----------------------------------------------------------------- control
@@ -90,6 +92,7 @@ class Engine:
 
     async def run_batch(self, planned: Iterable[PlannedJob]) -> RunSummary:
         summary = RunSummary()
+        self.lc.clock.estimates.update(await self.lc.store.load_estimates())
         runs = await self.admit(planned, summary)
         async with anyio.create_task_group() as outer:
             outer.start_soon(self.watch_cancels)
@@ -229,10 +232,8 @@ class Engine:
                     await self.lc.store.clear_cancel(run.record.name)
                     return
             state = run.record.state
-            if state in lifecycle.POLLING_STATES and run.record.next_poll_at:
-                await self._sleep(run, run.record.next_poll_at - time.time())
-                if self.stopping or run.cancel_requested:
-                    continue
+            if state in lifecycle.POLLING_STATES and not await self._wait_for_poll(run):
+                continue
             step = lifecycle.STEPS[state]
             error = await self._guarded(run, step)
             if error is None:
@@ -247,7 +248,11 @@ class Engine:
     async def _guarded(self, run: JobRun, step: lifecycle.Step) -> RetryableError | None:
         """Run a step; a permanent problem fails the job, a transient one is returned."""
         try:
-            await step(self.lc, run)
+            if step is lifecycle.prepare_dataset and run.spec.dataset_path is not None:
+                await step(self.lc, run)  # bounded by its upload slots instead
+            else:
+                async with self.step_slots:
+                    await step(self.lc, run)
         except RetryableError as exc:
             run.log.warning("step will be retried", error=str(exc))
             return exc
@@ -267,6 +272,25 @@ class Engine:
     async def _fail(self, run: JobRun, message: str) -> None:
         run.log.error("job failed", error=message)
         await self.lc.transition(run, State.FAILED, "error", error=message, intent=None)
+
+    async def _wait_for_poll(self, run: JobRun) -> bool:
+        """Sleep until the job's next poll is due; False if woken to stop or cancel.
+
+        A wake-up can also mean a learned phase duration dropped: the due time is then
+        recomputed and the job may poll sooner than its backoff said."""
+        while True:
+            due = lifecycle.poll_due(self.lc, run)
+            wait = (due - time.time()) if due is not None else 0.0
+            if wait <= 0:
+                return True
+            await self._sleep(run, wait)
+            if self.stopping or run.cancel_requested:
+                return False
+
+    def _estimate_dropped(self, state: State) -> None:
+        for run in self.runs.values():
+            if run.record.state is state:
+                run.wake.set()
 
     async def _sleep(self, run: JobRun, seconds: float) -> None:
         if seconds <= 0:

@@ -18,6 +18,7 @@ from urllib.parse import quote
 import anyio
 import httpx
 import tenacity
+from httpx_aiohttp import AiohttpTransport
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
@@ -193,8 +194,12 @@ class GatewayClient:
         s = self.settings
         # Waiting for a slot here has no deadline; waiting in httpx's pool would time out.
         self._slots = anyio.CapacityLimiter(s.max_connections)
+        limits = httpx.Limits(
+            max_connections=s.max_connections, max_keepalive_connections=s.max_keepalive
+        )
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
+            transport=AiohttpTransport(limits=limits) if s.transport == "aiohttp" else None,
             headers={API_KEY_HEADER: api_key},
             timeout=httpx.Timeout(
                 connect=s.connect_timeout,
@@ -202,9 +207,7 @@ class GatewayClient:
                 write=s.write_timeout,
                 pool=s.pool_timeout,
             ),
-            limits=httpx.Limits(
-                max_connections=s.max_connections, max_keepalive_connections=s.max_keepalive
-            ),
+            limits=limits,
             follow_redirects=False,
         )
 

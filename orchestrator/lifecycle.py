@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class JobRun:
     warned_statuses: set[str] = field(default_factory=set)
     wake: anyio.Event = field(default_factory=anyio.Event)
     cancel_requested: bool = False
+    last_poll_at: float | None = None  # wall clock of the last status GET
 
     @property
     def log(self) -> Any:
@@ -57,6 +59,53 @@ class JobRun:
         return structlog.get_logger("job").bind(
             job=r.name, state=r.state.value, dataset_id=r.dataset_id, finetune_id=r.finetune_id
         )
+
+
+@dataclass
+class PhaseClock:
+    """How long validation and training take, learned from jobs that finished them.
+
+    A perfect poller asks once, as a phase ends. Jobs of one provider and model take
+    similar times, so once one of them has finished a phase the others first poll when
+    it is expected to end, not on a blind backoff. The estimate is the shortest phase
+    seen (kept in the store, so the next run starts warm). One job in ``PROBE_EVERY``
+    polls a little earlier, so the estimate keeps creeping toward the truth.
+    """
+
+    PROBE_EVERY = 16
+    PROBE_LEAD = 0.85
+    estimates: dict[str, float] = field(default_factory=dict)
+
+    @staticmethod
+    def key(run: JobRun) -> str:
+        return f"{run.record.state.value}|{run.spec.provider}|{run.spec.model}"
+
+    def estimate(self, run: JobRun) -> float | None:
+        return self.estimates.get(self.key(run))
+
+    def expected_end(self, run: JobRun) -> float | None:
+        """When to poll next by the estimate, or None when it has nothing to say."""
+        estimate = self.estimate(run)
+        started = run.record.phase_started_at
+        if estimate is None or started is None:
+            return None
+        probe = zlib.crc32(run.record.name.encode()) % self.PROBE_EVERY == 0
+        due = started + estimate * (self.PROBE_LEAD if probe else 1.0)
+        if run.last_poll_at is not None and run.last_poll_at >= due:
+            return None  # already asked after that moment: the backoff decides now
+        return due
+
+    def finished(self, run: JobRun, now: float) -> float | None:
+        """Record a phase seen finished; the new estimate when it dropped noticeably."""
+        started = run.record.phase_started_at
+        if started is None:
+            return None
+        key, seen = self.key(run), now - started
+        old = self.estimates.get(key)
+        if old is not None and seen >= old * 0.98:
+            return None
+        self.estimates[key] = seen
+        return seen
 
 
 @dataclass
@@ -70,7 +119,11 @@ class Lifecycle:
     settings: EngineSettings
     metrics: Metrics
     upload_slots: anyio.CapacityLimiter
+    small_upload_slots: anyio.CapacityLimiter
     rng: random.Random = field(default_factory=random.Random)
+    clock: PhaseClock = field(default_factory=PhaseClock)
+    # Told when an estimate drops, so jobs sleeping in that state can poll sooner.
+    on_estimate: Callable[[State], None] = lambda state: None
     _content_locks: dict[str, anyio.Lock] = field(default_factory=dict)
 
     async def transition(
@@ -131,7 +184,9 @@ async def prepare_dataset(lc: Lifecycle, run: JobRun) -> None:
                 return
         if run.spec.s3_key is None and run.record.state is not State.UPLOADED:
             # The slot is taken before the dataset is created, so the URL is used fresh.
-            async with lc.upload_slots:
+            size = run.report.size if run.report else 0
+            small = size < lc.settings.upload.small_file_bytes
+            async with lc.small_upload_slots if small else lc.upload_slots:
                 await _create_and_upload(lc, run)
         elif run.record.state is State.PENDING or run.record.intent == CREATE_DATASET:
             await _create_dataset(lc, run)
@@ -245,6 +300,8 @@ async def start_validation(lc: Lifecycle, run: JobRun) -> None:
 async def await_validation(lc: Lifecycle, run: JobRun) -> None:
     """validating -> validated | failed, or the next poll scheduled."""
     finetune, phase = await _observe(lc, run)
+    if phase is not None and phase is not Phase.VALIDATING and phase is not Phase.CREATED:
+        await _phase_ended(lc, run)
     if phase is Phase.VALIDATED or phase in (Phase.TRAINING, Phase.SUCCEEDED):
         await lc.transition(run, State.VALIDATED, remote_status=finetune.status, next_poll_at=None)
     elif phase is Phase.VALIDATION_FAILED or phase is Phase.FAILED:
@@ -329,6 +386,8 @@ async def _already_started(lc: Lifecycle, run: JobRun) -> bool:
 async def await_training(lc: Lifecycle, run: JobRun) -> None:
     """training -> succeeded | failed | cancelled, or the next poll scheduled."""
     finetune, phase = await _observe(lc, run)
+    if phase in (Phase.SUCCEEDED, Phase.FAILED):
+        await _phase_ended(lc, run)
     if phase is Phase.SUCCEEDED:
         await lc.transition(
             run,
@@ -400,6 +459,7 @@ async def cancel_job(lc: Lifecycle, run: JobRun) -> None:
 async def _observe(lc: Lifecycle, run: JobRun) -> tuple[Finetune, Phase | None]:
     assert run.record.finetune_id
     finetune = await lc.client.get_finetune(run.record.finetune_id)
+    run.last_poll_at = time.time()
     lc.metrics.polled()
     phase = lc.statuses.phase_of(finetune.status)
     if phase is None and finetune.status not in run.warned_statuses:
@@ -428,9 +488,29 @@ async def _schedule_poll(
         return
     attempt = record.poll_attempt + 1
     delay = lc.settings.poll.policy().backoff(attempt)
+    estimate = lc.clock.estimate(run)
+    if estimate is not None:
+        expected = lc.clock.expected_end(run)
+        # Near the expected end: ask again soon rather than after a long backoff step.
+        delay = expected - now if expected is not None else min(delay, max(0.05 * estimate, 0.2))
     await lc.persist(
         run, remote_status=finetune.status, poll_attempt=attempt, next_poll_at=now + delay
     )
+
+
+async def _phase_ended(lc: Lifecycle, run: JobRun) -> None:
+    estimate = lc.clock.finished(run, time.time())
+    if estimate is not None:
+        await lc.store.save_estimate(lc.clock.key(run), estimate)
+        lc.on_estimate(run.record.state)
+
+
+def poll_due(lc: Lifecycle, run: JobRun) -> float | None:
+    """When a job in a polling state should next ask: its schedule, or sooner by the clock."""
+    expected = lc.clock.expected_end(run)
+    # The clock, when it knows the phase, beats the blind schedule either way: sooner
+    # than a long backoff step, and later than a first poll that could only find "busy".
+    return expected if expected is not None else run.record.next_poll_at
 
 
 Step = Callable[[Lifecycle, JobRun], Awaitable[None]]

@@ -73,6 +73,7 @@ async def open_engine(
             settings=settings,
             metrics=metrics,
             upload_slots=anyio.CapacityLimiter(settings.upload.concurrency),
+            small_upload_slots=anyio.CapacityLimiter(settings.upload.small_concurrency),
             rng=rng,
         )
         yield Engine(lc, until=until)

@@ -18,6 +18,9 @@ class ClientSettings:
     max_connections: int = 64
     max_keepalive: int = 32
     requests_per_second: float | None = None  # None: no cap
+    # "aiohttp": httpx's API over aiohttp's connection pool; "httpcore": httpx's own pool,
+    # which `make bench` measures at several times the CPU per request under concurrency.
+    transport: str = "aiohttp"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 
@@ -25,7 +28,11 @@ class ClientSettings:
 class UploadSettings:
     """How datasets are streamed to the signed URL."""
 
-    concurrency: int = 4
+    concurrency: int = 4  # large files at once
+    # Smaller files have their own, wider limit: a batch of many small datasets must not
+    # queue behind four slots, and they cost little bandwidth or memory.
+    small_file_bytes: int = 16 * 1024 * 1024
+    small_concurrency: int = 32
     block_size: int = 4 * 1024 * 1024
     deadline: float = 6 * 3600.0  # whole-upload bound; httpx's write timeout is per block
     retry: RetryPolicy = field(
@@ -66,8 +73,10 @@ class CheckSettings:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    api_concurrency: int = 32
-    poll_concurrency: int = 16
+    # Jobs taking a gateway step (a create, an attach, a poll...) at once. Bounding the
+    # steps, not just the HTTP connections, keeps jobs moving through the pipeline in
+    # order: 10,000 resumed jobs do not all persist an intent before the first one acts.
+    step_concurrency: int = 64
     cancel_check_interval: float = 1.0
     shutdown_grace: float = 10.0
     client: ClientSettings = field(default_factory=ClientSettings)

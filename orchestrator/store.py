@@ -57,6 +57,11 @@ class CheckpointStore(Protocol):
 
     async def count_by_state(self) -> dict[str, int]: ...
 
+    async def load_estimates(self) -> dict[str, float]:
+        """Learned phase durations (see ``lifecycle.PhaseClock``)."""
+
+    async def save_estimate(self, key: str, seconds: float) -> None: ...
+
     async def healthy(self) -> bool:
         """True when the store can take a write right now."""
 
@@ -126,6 +131,7 @@ CREATE TABLE IF NOT EXISTS transitions (
 );
 CREATE INDEX IF NOT EXISTS transitions_by_name ON transitions (name, id);
 CREATE TABLE IF NOT EXISTS cancel_requests (name TEXT PRIMARY KEY, requested_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS phase_estimates (key TEXT PRIMARY KEY, seconds REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS datasets (
     content_key TEXT PRIMARY KEY,
     dataset_id TEXT NOT NULL,
@@ -324,6 +330,23 @@ class SqliteStore:
 
         await self._run(write)
 
+    async def load_estimates(self) -> dict[str, float]:
+        def read() -> dict[str, float]:
+            return dict(self._db.execute("SELECT key, seconds FROM phase_estimates").fetchall())
+
+        result: dict[str, float] = await self._run(read)
+        return result
+
+    async def save_estimate(self, key: str, seconds: float) -> None:
+        def write() -> None:
+            with self._db:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO phase_estimates (key, seconds) VALUES (?, ?)",
+                    (key, seconds),
+                )
+
+        await self._run(write)
+
     async def count_by_state(self) -> dict[str, int]:
         def read() -> dict[str, int]:
             rows = self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state")
@@ -353,6 +376,7 @@ class MemoryStore:
         self.transitions: list[Transition] = []
         self.cancels: set[str] = set()
         self.datasets: dict[str, SharedDataset] = {}
+        self.estimates: dict[str, float] = {}
 
     async def load(self, names: Iterable[str] | None = None) -> dict[str, JobRecord]:
         if names is None:
@@ -379,6 +403,12 @@ class MemoryStore:
 
     async def find_dataset(self, content_key: str) -> SharedDataset | None:
         return self.datasets.get(content_key)
+
+    async def load_estimates(self) -> dict[str, float]:
+        return dict(self.estimates)
+
+    async def save_estimate(self, key: str, seconds: float) -> None:
+        self.estimates[key] = seconds
 
     async def count_by_state(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -1,0 +1,102 @@
+"""Makespan of N jobs versus one job through the whole lifecycle, CPU per job, status
+GETs per job versus a perfect poller, and gateway requests per CPU-second."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.harness import cli, measure, orchestrator_env, simulator
+
+MINIMUM_GETS_PER_JOB = 2  # a perfect poller: one GET as validation ends, one as training ends
+
+
+def _example(i: int) -> str:
+    return json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": f"question {i}"},
+                {"role": "assistant", "content": f"answer {i}"},
+            ]
+        }
+    )
+
+
+def _manifest(folder: Path, count: int, prefix: str = "job") -> Path:
+    jobs = []
+    for n in range(count):
+        data = folder / f"data/{prefix}-{n:05d}.jsonl"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        lines = (_example(n * 100 + i).replace("question", f"{prefix} question") for i in range(10))
+        data.write_text("".join(line + "\n" for line in lines))
+        jobs.append({"name": f"{prefix}-{n:05d}", "dataset": str(data)})
+    manifest = folder / f"manifest-{prefix}-{count}.yaml"
+    manifest.write_text(
+        yaml.safe_dump(
+            {
+                "defaults": {"provider": "openai", "model": "gpt-4o-mini", "virtual_key": "vk"},
+                "jobs": jobs,
+            }
+        )
+    )
+    return manifest
+
+
+def run(
+    jobs: int = 1000, latency: float = 0.02, validation: float = 5.0, training: float = 10.0
+) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    flags = [
+        "--latency",
+        str(latency),
+        "--validation-seconds",
+        str(validation),
+        "--training-seconds",
+        str(training),
+        "--queue-seconds",
+        "0",
+    ]
+    with tempfile.TemporaryDirectory(prefix="bench-life-") as tmp:
+        folder = Path(tmp)
+        runs = {}
+        for count in (1, jobs):
+            manifest = _manifest(folder / str(count), count)
+            with simulator(*flags) as sim:
+                measured = measure(
+                    cli("run", str(manifest), "--state", str(folder / f"state-{count}.db")),
+                    env=orchestrator_env(sim),
+                )
+                journal = sim.journal()
+            assert measured.code == 0, measured.stderr[-3000:]
+            requests = sum(journal["requests"].values()) + sum(journal["faults"].values())
+            runs[count] = (measured, journal["requests"].get("get_finetune", 0), requests)
+        one, many = runs[1][0], runs[jobs][0]
+        results["makespan_1_job_s"] = round(one.wall, 2)
+        results[f"makespan_{jobs}_jobs_s"] = round(many.wall, 2)
+        results["makespan_ratio"] = round(many.wall / one.wall, 3)
+        results["cpu_ms_per_job"] = round(1000 * many.cpu / jobs, 2)
+        gets = runs[jobs][1] / jobs
+        results["status_gets_per_job"] = round(gets, 2)
+        results["polls_vs_minimum"] = round(gets / MINIMUM_GETS_PER_JOB, 2)
+        results["requests_per_cpu_second"] = round(runs[jobs][2] / many.cpu, 0)
+        results["orchestrator_peak_rss_mib"] = round(many.peak_rss_mib, 1)
+
+        # The same batch again, on the state file that has learned the phase durations.
+        manifest = _manifest(folder / "warm", jobs, prefix="warm")
+        with simulator(*flags) as sim:
+            warm = measure(
+                cli("run", str(manifest), "--state", str(folder / f"state-{jobs}.db")),
+                env=orchestrator_env(sim),
+            )
+            journal = sim.journal()
+        assert warm.code == 0, warm.stderr[-3000:]
+        warm_gets = journal["requests"].get("get_finetune", 0) / jobs
+        results[f"makespan_{jobs}_jobs_warm_s"] = round(warm.wall, 2)
+        results["status_gets_per_job_warm"] = round(warm_gets, 2)
+        results["polls_vs_minimum_warm"] = round(warm_gets / MINIMUM_GETS_PER_JOB, 2)
+        results["cpu_ms_per_job_warm"] = round(1000 * warm.cpu / jobs, 2)
+    return results

@@ -1,0 +1,57 @@
+"""Checkpoint transitions per second the SQLite store sustains under many concurrent jobs."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from orchestrator.states import JobRecord, State, Transition
+from orchestrator.store import SqliteStore
+
+PATH = [
+    State.PENDING,
+    State.DATASET_CREATED,
+    State.UPLOADED,
+    State.DATASET_READY,
+    State.FINETUNE_CREATED,
+    State.DATASET_ATTACHED,
+    State.VALIDATING,
+    State.VALIDATED,
+    State.TRAINING,
+    State.SUCCEEDED,
+]
+
+
+async def _drive(store: SqliteStore, jobs: int) -> float:
+    async def job(n: int) -> None:
+        record = JobRecord(name=f"job-{n:05d}", fingerprint="f" * 64)
+        old = None
+        for state in PATH:
+            record = record.evolve(state=state, dataset_id="ds_x", finetune_id="ft_y")
+            await store.save(record, Transition(record.name, old, state, record.updated_at))
+            old = state
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for n in range(jobs):
+            tg.start_soon(job, n)
+    return time.perf_counter() - started
+
+
+def run(jobs: int = 2000) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
+        store = SqliteStore(Path(tmp) / "state.db")
+        try:
+            seconds = anyio.run(_drive, store, jobs)
+            transitions = jobs * len(PATH)
+            return {
+                "store_transitions_per_s": round(transitions / seconds),
+                "store_commits": store.commits,
+                "store_transitions_per_commit": round(transitions / store.commits, 1),
+            }
+        finally:
+            store.close()
