@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import lifecycle, resume, store, uploads
+from bench import lifecycle, resume, store, transports, uploads
 
 # (key, target, "max" when lower is better / "min" when higher is better, unit)
 TARGETS = [
@@ -31,12 +31,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--upload-gib", type=float, default=1.0)
-    parser.add_argument("--only", choices=["uploads", "lifecycle", "store", "resume"])
+    parser.add_argument("--only", choices=["uploads", "lifecycle", "store", "resume", "transports"])
     args = parser.parse_args()
     results: dict[str, Any] = {}
     started = time.time()
     suites = {
         "store": lambda: store.run(),
+        "transports": lambda: transports.run(),
         "resume": lambda: resume.run(),
         "lifecycle": lambda: lifecycle.run(jobs=args.jobs),
         "uploads": lambda: uploads.run(size=int(args.upload_gib * 1024**3)),

@@ -49,14 +49,14 @@ def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             type=click.IntRange(1, 256),
             default=4,
             show_default=True,
-            help="Uploads at once.",
+            help="Uploads of large files (16 MiB and over) at once.",
         ),
         click.option(
             "--api-concurrency",
             type=click.IntRange(1, 1024),
             default=64,
             show_default=True,
-            help="Gateway requests in flight at once.",
+            help="Gateway requests (and job steps) in flight at once.",
         ),
         click.option(
             "--poll-interval",
@@ -79,6 +79,12 @@ def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Fewest examples a dataset may have.",
         ),
+        click.option(
+            "--requests-per-second",
+            type=click.FloatRange(0.1),
+            default=None,
+            help="Cap on gateway requests per second (default: no cap).",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -91,11 +97,17 @@ def _settings(
     poll_interval: float,
     poll_max: float,
     min_examples: int,
+    requests_per_second: float | None = None,
 ) -> EngineSettings:
     base = EngineSettings()
     return replace(
         base,
-        client=replace(base.client, max_connections=api_concurrency, max_keepalive=api_concurrency),
+        client=replace(
+            base.client,
+            max_connections=api_concurrency,
+            max_keepalive=api_concurrency,
+            requests_per_second=requests_per_second,
+        ),
         step_concurrency=api_concurrency,
         upload=replace(UploadSettings(), concurrency=upload_concurrency),
         poll=replace(PollSettings(), initial=poll_interval, maximum=max(poll_max, poll_interval)),

@@ -156,12 +156,13 @@ def idempotency_key(record: JobRecord, call: str) -> str:
     return "orch-" + hashlib.sha256(seed.encode()).hexdigest()[:40]
 
 
-def content_key(spec: JobSpec, report: DatasetReport | None) -> str:
-    """Jobs with the same key can share one uploaded dataset."""
+def content_key(gateway: str, spec: JobSpec, report: DatasetReport | None) -> str:
+    """Jobs with the same key can share one uploaded dataset: same bytes (or S3 object),
+    same provider and model, same gateway."""
     if spec.s3_key is not None:
-        return f"s3:{spec.s3_key}|{spec.provider}|{spec.model}"
+        return f"{gateway}|s3:{spec.s3_key}|{spec.provider}|{spec.model}"
     assert report is not None
-    return f"sha256:{report.sha256}|{spec.provider}|{spec.model}"
+    return f"{gateway}|sha256:{report.sha256}|{spec.provider}|{spec.model}"
 
 
 # ---------------------------------------------------------------------- the steps
@@ -169,7 +170,7 @@ def content_key(spec: JobSpec, report: DatasetReport | None) -> str:
 
 async def prepare_dataset(lc: Lifecycle, run: JobRun) -> None:
     """pending | dataset_created | uploaded -> dataset_ready."""
-    key = content_key(run.spec, run.report)
+    key = content_key(lc.client.base_url, run.spec, run.report)
     async with lc.content_lock(key):
         if run.record.state in (State.PENDING, State.DATASET_CREATED):
             shared = await lc.store.find_dataset(key)
