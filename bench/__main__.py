@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import lifecycle, resume, store, transports, uploads
+from bench import checks, lifecycle, resume, store, transports, uploads
 
 # (key, target, "max" when lower is better / "min" when higher is better, unit)
 TARGETS = [
@@ -22,6 +22,7 @@ TARGETS = [
     ("store_transitions_per_s", 5000, "min", "transitions/s"),
     ("resume_first_transition_s", 1.0, "max", "s to the first resumed transition"),
     ("upload_vs_curl", 0.9, "min", "x  upload throughput vs curl -T"),
+    ("dataset_check_mb_per_s", 100, "min", "MB/s local dataset checks"),
     ("peak_rss_mib_1gib", 100, "max", "MiB peak RSS uploading 1 GiB"),
     ("peak_rss_mib_4gib", 100, "max", "MiB peak RSS uploading 4 GiB"),
 ]
@@ -31,11 +32,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--upload-gib", type=float, default=1.0)
-    parser.add_argument("--only", choices=["uploads", "lifecycle", "store", "resume", "transports"])
+    parser.add_argument(
+        "--only", choices=["checks", "uploads", "lifecycle", "store", "resume", "transports"]
+    )
     args = parser.parse_args()
     results: dict[str, Any] = {}
     started = time.time()
     suites = {
+        "checks": lambda: checks.run(),
         "store": lambda: store.run(),
         "transports": lambda: transports.run(),
         "resume": lambda: resume.run(),

@@ -412,27 +412,24 @@ def status(state_path: Path, as_json: bool, history: bool, names: tuple[str, ...
     if as_json:
         click.echo(json.dumps([r.public() for r in records], indent=2))
     else:
-        click.echo(
-            text_table(
-                ("job", "state", "remote status", "finetune", "model / error"),
-                [
-                    (
-                        r.name,
-                        r.state.value,
-                        r.remote_status,
-                        r.finetune_id,
-                        r.fine_tuned_model
-                        or r.error
-                        or (
-                            f"abandoned datasets: {', '.join(r.abandoned_datasets)}"
-                            if r.abandoned_datasets
-                            else None
-                        ),
-                    )
-                    for r in records
-                ],
-            )
-        )
+        headers = ["job", "state", "remote status", "dataset", "finetune", "model / error"]
+        abandoned = any(r.abandoned_datasets for r in records)
+        if abandoned:  # datasets left behind by expired URLs or restarts
+            headers.append("abandoned datasets")
+        rows = []
+        for r in records:
+            row = [
+                r.name,
+                r.state.value,
+                r.remote_status,
+                r.dataset_id,
+                r.finetune_id,
+                r.fine_tuned_model or r.error,
+            ]
+            if abandoned:
+                row.append(", ".join(r.abandoned_datasets) or None)
+            rows.append(row)
+        click.echo(text_table(headers, rows))
         for name, transitions in histories.items():
             click.echo(f"\n{name}:")
             for t in transitions:

@@ -112,9 +112,18 @@ class Engine:
 
     async def admit(self, planned: Iterable[PlannedJob], summary: RunSummary) -> list[JobRun]:
         """Apply each plan to the store; return the runs to drive."""
+        planned = list(planned)
+        applied: list[JobRecord | None] = [None] * len(planned)
+
+        async def apply(index: int, plan: PlannedJob) -> None:
+            applied[index] = await self._apply(plan)
+
+        # Concurrently, so the store commits the new records in a few batches, not one each.
+        async with anyio.create_task_group() as tg:
+            for index, plan in enumerate(planned):
+                tg.start_soon(apply, index, plan)
         runs: list[JobRun] = []
-        for plan in planned:
-            record = await self._apply(plan)
+        for plan, record in zip(planned, applied, strict=True):
             if plan.action is Action.CHANGED:
                 summary.changed.append(plan.spec.name)
                 log.warning(
