@@ -119,3 +119,16 @@ def test_many_errors_are_counted_not_all_listed(tmp_path: Path) -> None:
     report = inspect_dataset(lines_file(tmp_path, ["{"] * 50))
     assert len(report.errors) == datasets.MAX_REPORTED and report.more_errors == 30
     assert report.summary().endswith("(and 49 more problems)")
+
+
+def test_parallel_ranges_report_what_one_pass_reports(tmp_path: Path) -> None:
+    lines = [example_line(i) for i in range(400)]
+    for at in (3, 150, 199, 200, 201, 399):  # around where a two-way split falls
+        lines[at] = "{broken"
+    lines[250] = msg(U, U, A)  # a warning, far from the first range
+    path = lines_file(tmp_path, lines)
+    one = inspect_dataset(path, workers=1)
+    many = inspect_dataset(path, workers=3, parallel_bytes=1)
+    assert many.errors == one.errors and len(one.errors) == 6
+    assert many.warnings == one.warnings == [f"{path}:251: messages[1] repeats role 'user'"]
+    assert (many.examples, many.sha256, many.size) == (one.examples, one.sha256, one.size)
