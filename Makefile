@@ -11,6 +11,9 @@ $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# Bytecode for the package itself: every CLI start imports it, even where
+	# PYTHONDONTWRITEBYTECODE keeps Python from caching it.
+	$(BIN)/python -m compileall -q orchestrator
 	touch $@
 
 demo: $(INSTALLED)

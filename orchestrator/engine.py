@@ -97,8 +97,12 @@ class Engine:
         async with anyio.create_task_group() as outer:
             outer.start_soon(self.watch_cancels)
             async with anyio.create_task_group() as jobs:
-                for run in runs:
+                for index, run in enumerate(runs):
                     jobs.start_soon(self.drive, run)
+                    if index % 256 == 255:
+                        # Let the first jobs act before creating thousands more tasks:
+                        # 40 ms in all for 10,000 jobs, and the first result comes early.
+                        await anyio.sleep(0.001)
             outer.cancel_scope.cancel()
         for run in runs:
             summary.states[run.record.name] = run.record.state
@@ -118,10 +122,14 @@ class Engine:
         async def apply(index: int, plan: PlannedJob) -> None:
             applied[index] = await self._apply(plan)
 
-        # Concurrently, so the store commits the new records in a few batches, not one each.
+        # Plans that write go concurrently, so the store commits them in a few batches;
+        # resumed and unchanged jobs need no task at all.
         async with anyio.create_task_group() as tg:
             for index, plan in enumerate(planned):
-                tg.start_soon(apply, index, plan)
+                if plan.action in (Action.RESUME, Action.UNCHANGED, Action.CHANGED):
+                    applied[index] = plan.record
+                else:
+                    tg.start_soon(apply, index, plan)
         runs: list[JobRun] = []
         for plan, record in zip(planned, applied, strict=True):
             if plan.action is Action.CHANGED:

@@ -185,6 +185,7 @@ class SqliteStore:
         self._pending: list[tuple[JobRecord, Transition | None]] = []
         self._batch = _Batch()
         self._flushing = False
+        self._leader_done = anyio.Event()
         self.commits = 0  # observable by tests and the benchmark
 
     def close(self) -> None:
@@ -203,22 +204,25 @@ class SqliteStore:
     async def save(self, record: JobRecord, transition: Transition | None = None) -> None:
         self._pending.append((record, transition))
         batch = self._batch
-        if not self._flushing:
+        while not batch.done.is_set():
+            if self._flushing:
+                await self._leader_done.wait()  # then one of us leads the next batch
+                continue
+            # Lead: commit everything pending (our batch), then hand over at once, so a
+            # leader never waits on batches that arrived after its own.
             self._flushing = True
-            # Shielded: a leader cancelled mid-commit must not strand its followers.
-            with anyio.CancelScope(shield=True):
-                try:
-                    while self._pending:
-                        items, self._pending = self._pending, []
-                        current, self._batch = self._batch, _Batch()
-                        try:
-                            await self._run(self._write, items)
-                        except BaseException as exc:  # handed to every waiter
-                            current.error = exc
-                        current.done.set()
-                finally:
-                    self._flushing = False
-        await batch.done.wait()
+            items, self._pending = self._pending, []
+            current, self._batch = self._batch, _Batch()
+            try:
+                with anyio.CancelScope(shield=True):  # a commit is never cut in half
+                    await self._run(self._write, items)
+            except BaseException as exc:  # handed to every waiter of the batch
+                current.error = exc
+            finally:
+                self._flushing = False
+                current.done.set()
+                done, self._leader_done = self._leader_done, anyio.Event()
+                done.set()
         if batch.error is not None:
             raise batch.error
 

@@ -74,7 +74,10 @@ def storage_client(settings: UploadSettings) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         follow_redirects=False,
         timeout=httpx.Timeout(connect=30.0, read=300.0, write=300.0, pool=None),
-        limits=httpx.Limits(max_connections=settings.concurrency * 2, max_keepalive_connections=0),
+        limits=httpx.Limits(
+            max_connections=settings.concurrency + settings.small_concurrency,
+            max_keepalive_connections=settings.small_concurrency,
+        ),
         http1=True,
         http2=False,
     )
