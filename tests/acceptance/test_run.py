@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 import signal
 import subprocess
 import sys
@@ -111,54 +110,7 @@ def test_200_mixed_jobs_end_right_and_a_rerun_is_a_no_op(
     assert sim.journal.as_json()["requests"] == before  # nothing sent at all
 
 
-@pytest.mark.slow
-def test_sigkill_at_random_moments_never_starts_twice(sim: SimulatorThread, tmp_path: Path) -> None:
-    sim.simulator.config.update(
-        {
-            "validation_seconds": 0.8,
-            "training_seconds": 0.8,
-            "latency": 0.005,
-            "latency_jitter": 0.01,
-        }
-    )
-    jobs = [{"name": f"k-{i:02d}", "dataset": f"data/k-{i:02d}.jsonl"} for i in range(60)]
-    for job in jobs:
-        write_dataset(tmp_path / job["dataset"], salt=job["name"])
-    manifest = write_manifest(tmp_path / "manifest.yaml", jobs)
-    state = tmp_path / "state.db"
-    env = cli_env(sim)
-    rng = random.Random(42)
-    args = [
-        sys.executable,
-        "-m",
-        "orchestrator",
-        "run",
-        str(manifest),
-        "--state",
-        str(state),
-        *FAST_POLL,
-    ]
-    kills = 0
-    for _ in range(6):
-        process = subprocess.Popen(
-            args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        time.sleep(rng.uniform(0.4, 1.6))
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            kills += 1
-        process.wait()
-    final = run_cli("run", str(manifest), "--state", str(state), *FAST_POLL, env=env)
-    assert final.returncode == 0, final.stderr[-2000:]
-    assert kills >= 3
-    jobs_state = status_json(state, env)
-    assert all(j["state"] == "succeeded" for j in jobs_state.values())
-    journal = sim.journal
-    assert all(journal.starts[j["finetune_id"]] == 1 for j in jobs_state.values())
-    assert sum(journal.starts.values()) == 60
-    # Every finetune the gateway holds is the one the state file knows.
-    assert set(journal.starts) == {j["finetune_id"] for j in jobs_state.values()}
-    assert max(journal.finetune_creates.values()) == 1
+# SIGKILL at random moments across a run: tests/acceptance/test_evidence.py (crash suite).
 
 
 def test_lost_responses_after_creates_and_starts_do_not_duplicate(
