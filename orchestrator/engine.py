@@ -61,6 +61,7 @@ class Engine:
         self.step_retry = step_retry
         self.runs: dict[str, JobRun] = {}
         self.active = 0  # drive() calls under way
+        self._driving: set[str] = set()
         self._idle = anyio.Event()
         self.stopping = False
         self.fatal: str | None = None
@@ -83,9 +84,14 @@ class Engine:
             requested = await self.lc.store.cancel_requests()
             for name in requested:
                 run = self.runs.get(name)
-                if run is not None and not run.cancel_requested:
-                    run.cancel_requested = True
-                    run.wake.set()
+                if run is None or run.cancel_requested:
+                    continue
+                run.cancel_requested = True
+                if name in self._driving:
+                    run.wake.set()  # its drive loop cancels it between steps
+                elif not run.record.state.terminal:  # known but left alone (spec changed)
+                    await self._guarded(run, lifecycle.cancel_job)
+                    await self.lc.store.clear_cancel(name)
             await anyio.sleep(interval)
 
     # ------------------------------------------------------------------ batches
@@ -142,8 +148,8 @@ class Engine:
             if record is None:
                 continue
             run = JobRun(plan.spec, record, plan.report)
+            self.runs[plan.spec.name] = run  # every job the engine knows, for views
             if not self._done(record.state) and plan.action is not Action.CHANGED:
-                self.runs[plan.spec.name] = run
                 runs.append(run)
             else:
                 summary.states[record.name] = record.state
@@ -222,9 +228,11 @@ class Engine:
     async def drive(self, run: JobRun) -> None:
         """Advance one job until it is done, cancelled, or the engine stops."""
         self.active += 1
+        self._driving.add(run.record.name)
         try:
             await self._drive(run)
         finally:
+            self._driving.discard(run.record.name)
             self.active -= 1
             if not self.active:
                 self._idle.set()
@@ -237,8 +245,7 @@ class Engine:
             await self._idle.wait()
 
     def is_driving(self, name: str) -> bool:
-        run = self.runs.get(name)
-        return run is not None and not self._done(run.record.state)
+        return name in self._driving
 
     async def _drive(self, run: JobRun) -> None:
         failures = 0
