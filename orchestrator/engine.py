@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import structlog
@@ -158,30 +159,27 @@ class Engine:
     async def _apply(self, plan: PlannedJob) -> JobRecord | None:
         spec, old = plan.spec, plan.record
         store = self.lc.store
-        sha = plan.report.sha256 if plan.report else None
-        if plan.action is Action.CREATE:
-            record = JobRecord(
+
+        def fresh(**changes: Any) -> JobRecord:
+            return JobRecord(
                 name=spec.name,
                 fingerprint=plan.fingerprint,
-                manifest=plan.spec.manifest,
+                manifest=spec.manifest,
                 base_url=self.lc.client.base_url,
-                content_sha256=sha,
+                content_sha256=plan.report.sha256 if plan.report else None,
+                **changes,
             )
+
+        if plan.action is Action.CREATE:
+            record = fresh()
             await store.save(record, Transition(spec.name, None, State.PENDING, record.created_at))
             return record
         if plan.action is Action.INVALID:
             assert plan.report is not None
-            base = old or JobRecord(
-                name=spec.name,
-                fingerprint=plan.fingerprint,
-                manifest=plan.spec.manifest,
-                base_url=self.lc.client.base_url,
-            )
-            record = base.evolve(
+            record = fresh(
                 state=State.FAILED,
-                fingerprint=plan.fingerprint,
-                content_sha256=sha,
                 error=plan.report.summary(),
+                **({"attempt": old.attempt, "created_at": old.created_at} if old else {}),
             )
             await store.save(
                 record,
@@ -201,12 +199,7 @@ class Engine:
                 await lifecycle.cancel_job(self.lc, run)
                 old = run.record
             await store.clear_cancel(spec.name)
-            record = JobRecord(
-                name=spec.name,
-                fingerprint=plan.fingerprint,
-                manifest=plan.spec.manifest,
-                base_url=self.lc.client.base_url,
-                content_sha256=sha,
+            record = fresh(
                 attempt=old.attempt + 1,
                 abandoned_datasets=old.abandoned_datasets,
                 created_at=old.created_at,

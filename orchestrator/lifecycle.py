@@ -305,17 +305,26 @@ async def await_validation(lc: Lifecycle, run: JobRun) -> None:
         await _phase_ended(lc, run)
     if phase is Phase.VALIDATED or phase in (Phase.TRAINING, Phase.SUCCEEDED):
         await lc.transition(run, State.VALIDATED, remote_status=finetune.status, next_poll_at=None)
-    elif phase is Phase.VALIDATION_FAILED or phase is Phase.FAILED:
+    elif not await _ended_badly(lc, run, finetune, phase, "validation"):
+        await _schedule_poll(lc, run, finetune, lc.settings.poll.validation_deadline, "validation")
+
+
+async def _ended_badly(
+    lc: Lifecycle, run: JobRun, finetune: Finetune, phase: Phase | None, what: str
+) -> bool:
+    """Record a failed or cancelled phase; False when the phase has not ended that way."""
+    if phase in (Phase.FAILED, Phase.VALIDATION_FAILED):
         message = finetune.failure_message() or finetune.status
         await lc.transition(
             run,
             State.FAILED,
-            "validation failed",
+            f"{what} failed",
             remote_status=finetune.status,
-            error=f"validation failed: {message}",
+            error=f"{what} failed: {message}",
             next_poll_at=None,
         )
-    elif phase is Phase.CANCELLED:
+        return True
+    if phase is Phase.CANCELLED:
         await lc.transition(
             run,
             State.CANCELLED,
@@ -323,8 +332,8 @@ async def await_validation(lc: Lifecycle, run: JobRun) -> None:
             remote_status=finetune.status,
             next_poll_at=None,
         )
-    else:
-        await _schedule_poll(lc, run, finetune, lc.settings.poll.validation_deadline, "validation")
+        return True
+    return False
 
 
 async def start_training(lc: Lifecycle, run: JobRun) -> None:
@@ -397,25 +406,7 @@ async def await_training(lc: Lifecycle, run: JobRun) -> None:
             fine_tuned_model=finetune.slug,
             next_poll_at=None,
         )
-    elif phase in (Phase.FAILED, Phase.VALIDATION_FAILED):
-        message = finetune.failure_message() or finetune.status
-        await lc.transition(
-            run,
-            State.FAILED,
-            "training failed",
-            remote_status=finetune.status,
-            error=f"training failed: {message}",
-            next_poll_at=None,
-        )
-    elif phase is Phase.CANCELLED:
-        await lc.transition(
-            run,
-            State.CANCELLED,
-            "cancelled on the gateway",
-            remote_status=finetune.status,
-            next_poll_at=None,
-        )
-    else:
+    elif not await _ended_badly(lc, run, finetune, phase, "training"):
         await _schedule_poll(lc, run, finetune, lc.settings.poll.training_deadline, "training")
 
 

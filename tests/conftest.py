@@ -94,6 +94,13 @@ def run_cli(
     )
 
 
+def status_of(state: Path, env: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """`orchestrator status --json`, by job name."""
+    out = run_cli("status", "--json", "--state", str(state), env=env or cli_env())
+    assert out.returncode == 0, out.stderr
+    return {job["name"]: job for job in json.loads(out.stdout)}
+
+
 def run_measured(*args: str, env: dict[str, str], timeout: float = 300) -> tuple[int, int]:
     """Run the CLI in a child of a small wrapper; return (exit code, child's peak RSS in KiB)."""
     wrapper = (

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -12,15 +11,13 @@ from pathlib import Path
 import pytest
 
 from orchestrator.simulator import SimulatorThread
-from tests.conftest import cli_env, run_cli, write_dataset, write_manifest
+from tests.conftest import cli_env, run_cli, status_of, write_dataset, write_manifest
 
 FAST_POLL = ["--poll-interval", "0.05", "--poll-max", "0.2"]
 
 
 def states(state: Path, env: dict[str, str]) -> dict[str, str]:
-    out = run_cli("status", "--json", "--state", str(state), env=env)
-    assert out.returncode == 0, out.stderr
-    return {j["name"]: j["state"] for j in json.loads(out.stdout)}
+    return {name: job["state"] for name, job in status_of(state, env).items()}
 
 
 def plan_actions(manifest: Path, state: Path, env: dict[str, str], *extra: str) -> dict[str, str]:

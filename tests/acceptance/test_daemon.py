@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.simulator import SimConfig, SimulatorThread
-from tests.conftest import FAST, cli_env, run_cli, write_dataset, write_manifest
+from tests.conftest import FAST, cli_env, run_cli, status_of, write_dataset, write_manifest
 
 SECRET = "sk-daemon-secret-4f9a1c"
 
@@ -137,7 +137,7 @@ def test_watch_edit_sigterm_restart_exactly_one_start(
     wait_for(lambda: sum(sim.journal.starts.values()) >= 3, "training to start")
     code, seconds = daemon.terminate()
     assert code == 0 and seconds < 12
-    interrupted = {j["name"]: j["state"] for j in daemon_jobs_from_state(tmp_path)}
+    interrupted = {j["name"]: j["state"] for j in status_of(tmp_path / "state.db").values()}
     assert len(interrupted) == 8 and "training" in interrupted.values()
     assert "succeeded" not in interrupted.values()
 
@@ -151,7 +151,7 @@ def test_watch_edit_sigterm_restart_exactly_one_start(
     code, _ = daemon.terminate()
     assert code == 0
     journal = sim.journal
-    finetunes = {j["finetune_id"] for j in daemon_jobs_from_state(tmp_path)}
+    finetunes = {j["finetune_id"] for j in status_of(tmp_path / "state.db").values()}
     assert len(finetunes) == 9
     assert all(journal.starts[f] == 1 for f in finetunes) and len(journal.starts) == 9
     assert all(n == 1 for n in journal.finetune_creates.values())
@@ -170,12 +170,6 @@ def test_watch_edit_sigterm_restart_exactly_one_start(
         {"job", "state", "dataset_id", "finetune_id", "timestamp"} <= set(e) for e in job_events
     )
     assert all(e["timestamp"].endswith("Z") for e in log_lines)
-
-
-def daemon_jobs_from_state(tmp_path: Path) -> list[dict[str, Any]]:
-    out = run_cli("status", "--json", "--state", str(tmp_path / "state.db"), env=cli_env())
-    jobs: list[dict[str, Any]] = json.loads(out.stdout)
-    return jobs
 
 
 def test_metrics_bad_manifests_second_daemon_and_cancel(

@@ -4,7 +4,6 @@ gateway's own journal."""
 
 from __future__ import annotations
 
-import json
 import random
 import signal
 import subprocess
@@ -17,15 +16,9 @@ import pytest
 
 from orchestrator.simulator import SimulatorThread
 from tests.acceptance.test_run import mixed_manifest
-from tests.conftest import cli_env, run_cli
+from tests.conftest import cli_env, run_cli, status_of
 
 FAST_POLL = ["--poll-interval", "0.05", "--poll-max", "0.3"]
-
-
-def status_by_name(state: Path, env: dict[str, str]) -> dict[str, dict[str, Any]]:
-    out = run_cli("status", "--json", "--state", str(state), env=env)
-    assert out.returncode == 0, out.stderr
-    return {j["name"]: j for j in json.loads(out.stdout)}
 
 
 def assert_invariants(
@@ -74,7 +67,7 @@ def test_fault_suite_300_jobs(sim: SimulatorThread, tmp_path: Path) -> None:
     assert out.returncode == 1, out.stderr[-3000:]  # the truth: some jobs failed on purpose
     faults = sim.journal.faults
     assert faults["lost_response"] > 10 and faults["dropped"] > 10 and faults["429"] > 50
-    assert_invariants(sim, status_by_name(state, env), expected)
+    assert_invariants(sim, status_of(state, env), expected)
 
 
 @pytest.mark.slow
@@ -119,4 +112,4 @@ def test_crash_suite_sigkill_at_random_moments(sim: SimulatorThread, tmp_path: P
     final = run_cli("run", str(manifest), "--state", str(state), *FAST_POLL, env=env)
     assert final.returncode == 1, final.stderr[-3000:]
     assert kills >= 10
-    assert_invariants(sim, status_by_name(state, env), expected)
+    assert_invariants(sim, status_of(state, env), expected)

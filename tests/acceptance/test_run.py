@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
@@ -13,15 +12,16 @@ from typing import Any
 import pytest
 
 from orchestrator.simulator import SimulatorThread
-from tests.conftest import cli_env, example_line, run_cli, write_dataset, write_manifest
+from tests.conftest import (
+    cli_env,
+    example_line,
+    run_cli,
+    status_of,
+    write_dataset,
+    write_manifest,
+)
 
 FAST_POLL = ["--poll-interval", "0.05", "--poll-max", "0.2"]
-
-
-def status_json(state: Path, env: dict[str, str]) -> dict[str, dict[str, Any]]:
-    out = run_cli("status", "--json", "--state", str(state), env=env)
-    assert out.returncode == 0, out.stderr
-    return {job["name"]: job for job in json.loads(out.stdout)}
 
 
 def mixed_manifest(tmp_path: Path, sim: SimulatorThread, count: int) -> tuple[Path, dict[str, str]]:
@@ -79,7 +79,7 @@ def test_200_mixed_jobs_end_right_and_a_rerun_is_a_no_op(
     env = cli_env(sim)
     first = run_cli("run", str(manifest), "--state", str(state), *FAST_POLL, env=env, timeout=240)
     assert first.returncode == 1, first.stderr[-2000:]  # some jobs fail on purpose
-    jobs = status_json(state, env)
+    jobs = status_of(state, env)
     assert {name: job["state"] for name, job in jobs.items()} == expected
     for name, job in jobs.items():
         if expected[name] == "failed":
@@ -163,7 +163,7 @@ def test_sigint_stops_with_130_and_the_rerun_resumes(sim: SimulatorThread, tmp_p
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130, stderr[-2000:]
     assert "Traceback" not in stderr
-    states = status_json(state, env)
+    states = status_of(state, env)
     assert all(j["state"] == "training" for j in states.values())
     final = run_cli("run", str(manifest), "--state", str(state), *FAST_POLL, env=env)
     assert final.returncode == 0
@@ -180,7 +180,7 @@ def test_until_submitted_then_done(sim: SimulatorThread, tmp_path: Path) -> None
         "run", str(manifest), "--state", str(state), "--until", "submitted", *FAST_POLL, env=env
     )
     assert submitted.returncode == 0
-    assert status_json(state, env)["a"]["state"] == "training"
+    assert status_of(state, env)["a"]["state"] == "training"
     done = run_cli("run", str(manifest), "--state", str(state), *FAST_POLL, env=env)
     assert done.returncode == 0
-    assert status_json(state, env)["a"]["state"] == "succeeded"
+    assert status_of(state, env)["a"]["state"] == "succeeded"
