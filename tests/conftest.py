@@ -81,11 +81,19 @@ def cli_env(sim: SimulatorThread | None = None, **extra: str) -> dict[str, str]:
     return env
 
 
+FAST_POLL = ("--poll-interval", "0.05", "--poll-max", "0.2")
+
+
+def cli_args(*args: str) -> list[str]:
+    """The command line of `python -m orchestrator ARGS`, for Popen."""
+    return [sys.executable, "-m", "orchestrator", *args]
+
+
 def run_cli(
     *args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
+        cli_args(*args),
         env=env,
         cwd=cwd,
         capture_output=True,

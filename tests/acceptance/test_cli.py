@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from orchestrator.simulator import SimulatorThread
-from tests.conftest import cli_env, run_cli, status_of, write_dataset, write_manifest
-
-FAST_POLL = ["--poll-interval", "0.05", "--poll-max", "0.2"]
+from tests.conftest import (
+    FAST_POLL,
+    cli_args,
+    cli_env,
+    run_cli,
+    status_of,
+    write_dataset,
+    write_manifest,
+)
 
 
 def states(state: Path, env: dict[str, str]) -> dict[str, str]:
@@ -89,16 +94,7 @@ def test_cancel_beside_a_running_engine(sim: SimulatorThread, tmp_path: Path) ->
     state = tmp_path / "state.db"
     env = cli_env(sim)
     runner = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator",
-            "run",
-            str(manifest),
-            "--state",
-            str(state),
-            *FAST_POLL,
-        ],
+        cli_args("run", str(manifest), "--state", str(state), *FAST_POLL),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -136,7 +132,7 @@ def test_cancel_without_engine_and_before_any_finetune(
     state = tmp_path / "state.db"
     env = cli_env(sim)
     runner = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", str(manifest), "--state", str(state)],
+        cli_args("run", str(manifest), "--state", str(state)),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

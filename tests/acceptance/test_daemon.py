@@ -6,7 +6,6 @@ import json
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,7 +16,15 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from orchestrator.simulator import SimConfig, SimulatorThread
-from tests.conftest import FAST, cli_env, run_cli, status_of, write_dataset, write_manifest
+from tests.conftest import (
+    FAST,
+    cli_args,
+    cli_env,
+    run_cli,
+    status_of,
+    write_dataset,
+    write_manifest,
+)
 
 SECRET = "sk-daemon-secret-4f9a1c"
 
@@ -44,10 +51,7 @@ class DaemonProcess:
     def start(self) -> subprocess.Popen[str]:
         with self.log.open("a") as log:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "orchestrator",
+                cli_args(
                     "daemon",
                     "--watch",
                     str(self.folder / "watch"),
@@ -61,7 +65,7 @@ class DaemonProcess:
                     "0.05",
                     "--poll-max",
                     "0.2",
-                ],
+                ),
                 env=cli_env(self.sim),
                 stdout=log,
                 stderr=log,
@@ -211,10 +215,7 @@ def test_metrics_bad_manifests_second_daemon_and_cancel(
     assert calls and calls[0].labels["status_class"] == "2xx" and calls[0].value == 2
 
     second = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator",
+        cli_args(
             "daemon",
             "--watch",
             str(tmp_path / "watch"),
@@ -222,7 +223,7 @@ def test_metrics_bad_manifests_second_daemon_and_cancel(
             str(tmp_path / "state.db"),
             "--listen",
             f"127.0.0.1:{free_port()}",
-        ],
+        ),
         env=cli_env(sim),
         capture_output=True,
         text=True,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,13 @@ import pytest
 
 from orchestrator.simulator import SimulatorThread
 from tests.acceptance.test_run import mixed_manifest
-from tests.conftest import cli_env, run_cli, status_of
-
-FAST_POLL = ["--poll-interval", "0.05", "--poll-max", "0.3"]
+from tests.conftest import (
+    FAST_POLL,
+    cli_args,
+    cli_env,
+    run_cli,
+    status_of,
+)
 
 
 def assert_invariants(
@@ -86,16 +89,7 @@ def test_crash_suite_sigkill_at_random_moments(sim: SimulatorThread, tmp_path: P
     state = tmp_path / "state.db"
     env = cli_env(sim)
     rng = random.Random(20261126)
-    args = [
-        sys.executable,
-        "-m",
-        "orchestrator",
-        "run",
-        str(manifest),
-        "--state",
-        str(state),
-        *FAST_POLL,
-    ]
+    args = cli_args("run", str(manifest), "--state", str(state), *FAST_POLL)
     kills = 0
     for _ in range(40):
         process = subprocess.Popen(

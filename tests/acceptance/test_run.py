@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,8 @@ import pytest
 
 from orchestrator.simulator import SimulatorThread
 from tests.conftest import (
+    FAST_POLL,
+    cli_args,
     cli_env,
     example_line,
     run_cli,
@@ -20,8 +21,6 @@ from tests.conftest import (
     write_dataset,
     write_manifest,
 )
-
-FAST_POLL = ["--poll-interval", "0.05", "--poll-max", "0.2"]
 
 
 def mixed_manifest(tmp_path: Path, sim: SimulatorThread, count: int) -> tuple[Path, dict[str, str]]:
@@ -141,16 +140,7 @@ def test_sigint_stops_with_130_and_the_rerun_resumes(sim: SimulatorThread, tmp_p
     state = tmp_path / "state.db"
     env = cli_env(sim)
     process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "orchestrator",
-            "run",
-            str(manifest),
-            "--state",
-            str(state),
-            *FAST_POLL,
-        ],
+        cli_args("run", str(manifest), "--state", str(state), *FAST_POLL),
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -10,6 +10,7 @@ import pytest
 
 from orchestrator.simulator import SimulatorThread
 from tests.conftest import (
+    FAST_POLL,
     cli_env,
     run_cli,
     run_measured,
@@ -17,8 +18,6 @@ from tests.conftest import (
     write_dataset,
     write_manifest,
 )
-
-FAST_POLL = ["--poll-interval", "0.05", "--poll-max", "0.2"]
 
 
 @pytest.mark.slow
