@@ -25,7 +25,7 @@ from orchestrator.manifest import Manifest, load_manifest
 from orchestrator.metrics import Metrics
 from orchestrator.plan import Action, PlannedJob, inspect_datasets, plan_jobs
 from orchestrator.settings import CheckSettings, EngineSettings, PollSettings, UploadSettings
-from orchestrator.states import State, Transition
+from orchestrator.states import JobRecord, State, Transition
 from orchestrator.store import OwnerLock, SqliteStore
 
 DEFAULT_STATE = Path(".orchestrator") / "state.db"
@@ -193,7 +193,7 @@ async def _run(
     live: bool,
     redactor: Redactor,
 ) -> int:
-    from orchestrator.runner import gateway_of, open_engine
+    from orchestrator.runner import gateway_of, open_engine, preflight
 
     manifest = load_manifest(manifest_path)
     redactor.add_secret(manifest.api_key)
@@ -201,35 +201,6 @@ async def _run(
     unknown = set(replace_names) - {j.name for j in manifest.jobs}
     if unknown:
         raise InputError(f"--replace {sorted(unknown)[0]}: no such job in {manifest_path}")
-    planned, store, lock = await _plan_for_run(
-        manifest, state_path, settings, retry_failed, replace_names
-    )
-    try:
-        metrics = Metrics()
-        needs_gateway = any(
-            p.action in (Action.CREATE, Action.RESUME, Action.RETRY, Action.REPLACE)
-            for p in planned
-        )
-        async with open_engine(
-            manifest, store, settings, metrics, until=until, preflight=needs_gateway
-        ) as engine:
-            summary = await _drive(engine, planned, settings.shutdown_grace, live)
-    finally:
-        store.close()
-        lock.release()
-    _print_summary(summary, planned)
-    if summary.fatal:
-        raise InputError(summary.fatal)
-    return summary.exit_code(until)
-
-
-async def _plan_for_run(
-    manifest: Manifest,
-    state_path: Path,
-    settings: EngineSettings,
-    retry_failed: bool,
-    replace_names: Sequence[str],
-) -> tuple[list[PlannedJob], SqliteStore, OwnerLock]:
     reports = await inspect_datasets(manifest.jobs, settings.check)
     log = structlog.get_logger("datasets")
     for report in reports.values():
@@ -238,15 +209,40 @@ async def _plan_for_run(
     lock = OwnerLock(state_path)
     lock.acquire()
     try:
+        records = await _load_records(state_path, [j.name for j in manifest.jobs])
+        planned = plan_jobs(
+            manifest.jobs, reports, records, retry_failed=retry_failed, replace=replace_names
+        )
+        if any(
+            p.action in (Action.CREATE, Action.RESUME, Action.RETRY, Action.REPLACE)
+            for p in planned
+        ):
+            await preflight(manifest, settings)  # a bad URL or key stores nothing
         store = SqliteStore(state_path)
-    except BaseException:
+        try:
+            async with open_engine(
+                manifest, store, settings, Metrics(), until=until, preflight=False
+            ) as engine:
+                summary = await _drive(engine, planned, settings.shutdown_grace, live)
+        finally:
+            store.close()
+    finally:
         lock.release()
-        raise
-    records = await store.load([j.name for j in manifest.jobs])
-    planned = plan_jobs(
-        manifest.jobs, reports, records, retry_failed=retry_failed, replace=replace_names
-    )
-    return planned, store, lock
+    _print_summary(summary, planned)
+    if summary.fatal:
+        raise InputError(summary.fatal)
+    return summary.exit_code(until)
+
+
+async def _load_records(state_path: Path, names: Sequence[str]) -> dict[str, JobRecord]:
+    """The stored records of ``names``; an absent state file is not created here."""
+    if not await anyio.Path(state_path).exists():
+        return {}
+    store = SqliteStore(state_path)
+    try:
+        return await store.load(names)
+    finally:
+        store.close()
 
 
 async def _drive(engine: Engine, planned: list[PlannedJob], grace: float, live: bool) -> RunSummary:
@@ -328,13 +324,7 @@ def plan(
     async def go() -> list[PlannedJob]:
         manifest = load_manifest(manifest_path)
         reports = await inspect_datasets(manifest.jobs, CheckSettings(min_examples=min_examples))
-        records = {}
-        if await anyio.Path(state_path).exists():
-            store = SqliteStore(state_path)
-            try:
-                records = await store.load([j.name for j in manifest.jobs])
-            finally:
-                store.close()
+        records = await _load_records(state_path, [j.name for j in manifest.jobs])
         return plan_jobs(
             manifest.jobs, reports, records, retry_failed=retry_failed, replace=replace_names
         )

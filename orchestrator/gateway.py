@@ -371,8 +371,10 @@ class GatewayClient:
             self._observer.gateway_call(endpoint.name, status, time.monotonic() - started)
 
     def _describe(self, exc: Exception, what: str) -> str:
-        detail = str(exc) or type(exc).__name__
-        return scrub(f"gateway {self.base_url} {what}: {detail}", self._api_key)
+        # The transport's own words when it has some (aiohttp reports a dropped connection
+        # as a timeout class, but says "Server disconnected"); else what kind of failure.
+        detail = str(exc) or f"{what} ({type(exc).__name__})"
+        return scrub(f"gateway {self.base_url}: {detail}", self._api_key)
 
     def _unwrap(self, endpoint: Endpoint, response: httpx.Response) -> Any:
         status = response.status_code

@@ -41,9 +41,17 @@ async def check_gateway(client: GatewayClient) -> None:
             f"gateway {client.base_url} refused the API key (HTTP {exc.status})"
         ) from None
     except RetryableError as exc:
-        raise InputError(f"cannot reach gateway {client.base_url}: {exc.message}") from None
+        detail = exc.message.removeprefix(f"gateway {client.base_url}: ")
+        raise InputError(f"cannot reach gateway {client.base_url}: {detail}") from None
     except GatewayError as exc:
         raise InputError(f"gateway {client.base_url}: {exc.message}") from None
+
+
+async def preflight(manifest: Manifest, settings: EngineSettings) -> None:
+    """``check_gateway`` with a client of its own, before anything is opened or stored."""
+    base_url, api_key = gateway_of(manifest)
+    async with GatewayClient(base_url, api_key, settings.client) as client:
+        await check_gateway(client)
 
 
 @asynccontextmanager

@@ -179,3 +179,4 @@ def test_bad_gateway_is_one_line_and_exit_2(
     }[case]
     assert expected in lines[0]
     assert sim.journal.dataset_creates == {}
+    assert not (tmp_path / "s.db").exists()  # nothing stored
