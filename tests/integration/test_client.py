@@ -224,3 +224,27 @@ async def test_server_errors_without_json_are_reported(sim: SimulatorThread) -> 
                 )
             )
     assert "no route" in unknown.value.message
+
+
+async def test_success_false_with_200_is_permanent_and_keeps_the_message() -> None:
+    """A gateway may answer 200 with success: false; that is a refusal, not data."""
+    from aiohttp import web
+
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"success": False, "error": {"message": "quota exceeded"}})
+
+    app = web.Application()
+    app.router.add_get("/v1/finetune/{id}", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        async with GatewayClient(f"http://127.0.0.1:{port}", "key-123456", FAST_RETRY) as client:
+            with pytest.raises(PermanentError) as refused:
+                await client.get_finetune("ft_1")
+    finally:
+        await runner.cleanup()
+    assert refused.value.status == 200 and refused.value.message == "quota exceeded"
+    assert not isinstance(refused.value, RetryableError)
