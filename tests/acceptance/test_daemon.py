@@ -31,7 +31,7 @@ SECRET = "sk-daemon-secret-4f9a1c"
 
 @pytest.fixture
 def sim_config() -> SimConfig:
-    return SimConfig(seed=3, api_key=SECRET, **{**FAST, "training_seconds": 1.5})
+    return SimConfig(seed=3, api_key=SECRET, **{**FAST, "training_seconds": 3.0})
 
 
 def free_port() -> int:

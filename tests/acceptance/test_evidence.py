@@ -79,8 +79,9 @@ def test_crash_suite_sigkill_at_random_moments(sim: SimulatorThread, tmp_path: P
     manifest, expected = mixed_manifest(tmp_path, sim, 120)
     sim.simulator.config.update(
         {
-            "validation_seconds": 1.0,
-            "training_seconds": 1.5,
+            "validation_seconds": 2.0,
+            # Long enough that a dozen kills land before the run can finish.
+            "training_seconds": 4.0,
             "latency": 0.002,
             "latency_jitter": 0.02,
             "lost_response_rate": 0.02,
