@@ -70,15 +70,32 @@ class PhaseClock:
     it is expected to end, not on a blind backoff. The estimate is the shortest phase
     seen (kept in the store, so the next run starts warm). One job in ``PROBE_EVERY``
     polls a little earlier, so the estimate keeps creeping toward the truth.
+
+    While nothing is known, the first ``SCOUTS`` jobs of a phase poll on the normal
+    backoff and the rest wait ``WAIT_FACTOR`` times longer: a scout finishing wakes them
+    to poll once, at the expected end. A lone job is always a scout.
     """
 
     PROBE_EVERY = 16
     PROBE_LEAD = 0.85
+    SCOUTS = 4
+    WAIT_FACTOR = 8.0
     estimates: dict[str, float] = field(default_factory=dict)
+    scouts: dict[str, set[str]] = field(default_factory=dict)
+
+    def poll_delay(self, run: JobRun, backoff: float, state: State | None = None) -> float:
+        """The wait before the next poll of ``state`` (default: the job's) while the
+        phase's duration is unknown."""
+        scouts = self.scouts.setdefault(self.key(run, state), set())
+        if run.record.name in scouts or len(scouts) < self.SCOUTS:
+            scouts.add(run.record.name)
+            return backoff
+        return backoff * self.WAIT_FACTOR
 
     @staticmethod
-    def key(run: JobRun) -> str:
-        return f"{run.record.state.value}|{run.spec.provider}|{run.spec.model}"
+    def key(run: JobRun, state: State | None = None) -> str:
+        phase = (state or run.record.state).value
+        return f"{phase}|{run.spec.provider}|{run.spec.model}"
 
     def estimate(self, run: JobRun) -> float | None:
         return self.estimates.get(self.key(run))
@@ -287,14 +304,16 @@ async def attach_dataset(lc: Lifecycle, run: JobRun) -> None:
 async def start_validation(lc: Lifecycle, run: JobRun) -> None:
     """dataset_attached -> validating."""
     assert run.record.finetune_id
-    await lc.client.start_validation(run.record.finetune_id)
+    # Timed from before the call: the gateway's clock starts somewhere inside it, so a
+    # learned duration errs long (one poll finds it done), never short (polls too early).
     now = time.time()
+    await lc.client.start_validation(run.record.finetune_id)
     await lc.transition(
         run,
         State.VALIDATING,
         phase_started_at=now,
         poll_attempt=0,
-        next_poll_at=now + lc.settings.poll.initial,
+        next_poll_at=now + lc.clock.poll_delay(run, lc.settings.poll.initial, State.VALIDATING),
     )
 
 
@@ -344,6 +363,7 @@ async def start_training(lc: Lifecycle, run: JobRun) -> None:
         return
     if record.intent != START_FINETUNE:
         await lc.persist(run, intent=START_FINETUNE)
+    now = time.time()  # before the call, as in start_validation
     try:
         await lc.client.start_finetune(record.finetune_id, run.spec.override_model)
     except (RetryableError, ConflictError):
@@ -352,14 +372,13 @@ async def start_training(lc: Lifecycle, run: JobRun) -> None:
         if await _already_started(lc, run):
             return
         raise
-    now = time.time()
     await lc.transition(
         run,
         State.TRAINING,
         intent=None,
         phase_started_at=now,
         poll_attempt=0,
-        next_poll_at=now + lc.settings.poll.initial,
+        next_poll_at=now + lc.clock.poll_delay(run, lc.settings.poll.initial, State.TRAINING),
     )
 
 
@@ -481,7 +500,9 @@ async def _schedule_poll(
     attempt = record.poll_attempt + 1
     delay = lc.settings.poll.policy().backoff(attempt)
     estimate = lc.clock.estimate(run)
-    if estimate is not None:
+    if estimate is None:
+        delay = min(lc.clock.poll_delay(run, delay), lc.settings.poll.maximum)
+    else:
         expected = lc.clock.expected_end(run)
         # Near the expected end: ask again soon rather than after a long backoff step.
         delay = expected - now if expected is not None else min(delay, max(0.05 * estimate, 0.2))

@@ -58,3 +58,13 @@ def test_the_estimate_only_shrinks_and_probes_poll_early() -> None:
     assert clock.finished(run_for("c", 0.0), now=9.9) is None  # within 2%: not worth a wake
     assert clock.finished(run_for("d", 0.0), now=8.0) == 8.0
     assert clock.expected_end(run_for(probe_name(), 0.0)) == 8.0 * PhaseClock.PROBE_LEAD
+
+
+def test_first_jobs_scout_and_the_rest_wait_for_them() -> None:
+    clock = PhaseClock()
+    runs = [run_for(f"job-{i}", 0.0) for i in range(PhaseClock.SCOUTS + 2)]
+    delays = [clock.poll_delay(run, 2.0) for run in runs]
+    assert delays == [2.0] * PhaseClock.SCOUTS + [2.0 * PhaseClock.WAIT_FACTOR] * 2
+    assert clock.poll_delay(runs[0], 3.0) == 3.0  # a scout stays a scout
+    # Scouts are per phase: the same job is a scout again when training starts.
+    assert clock.poll_delay(runs[-1], 2.0, State.TRAINING) == 2.0
