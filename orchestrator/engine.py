@@ -67,7 +67,6 @@ class Engine:
         self.stopping = False
         self.fatal: str | None = None
         self.step_slots = anyio.CapacityLimiter(lc.settings.step_concurrency)
-        self.last_tick = time.monotonic()  # the daemon's health check reads it
 
     # ----------------------------------------------------------------- control
 
@@ -81,7 +80,6 @@ class Engine:
         """Forever: turn cancel requests in the store into wake-ups of the affected runs."""
         interval = self.lc.settings.cancel_check_interval
         while True:
-            self.last_tick = time.monotonic()
             requested = await self.lc.store.cancel_requests()
             for name in requested:
                 run = self.runs.get(name)

@@ -7,7 +7,6 @@ in one process never share counts.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -62,14 +61,12 @@ class Metrics:
         self.manifest_errors = Gauge(
             "orchestrator_manifest_errors", "Manifests that failed to load", registry=r
         )
-        self.call_counts: Counter[str] = Counter()  # plain totals, for the benchmark
         self.uploads: dict[str, UploadProgress] = {}
 
     # -- gateway client observer
     def gateway_call(self, endpoint: str, status: int | None, seconds: float) -> None:
         status_class = f"{status // 100}xx" if status else "transport_error"
         self.calls.labels(endpoint, status_class).inc()
-        self.call_counts[endpoint] += 1
 
     def gateway_retry(self, endpoint: str) -> None:
         self.retries.labels(endpoint).inc()
