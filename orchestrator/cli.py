@@ -511,23 +511,33 @@ async def _cancel(
         if remote and not api_key:
             raise InputError("cancel needs the API key: set PORTKEY_API_KEY or pass --manifest")
         await store.request_cancel(r.name for r in targets)
+        refused: set[str] = set()  # already finished on the gateway (409)
+        by_gateway: dict[str, list[JobRecord]] = {}
         for record in remote:
-            base_url = base_override or record.base_url
-            assert api_key is not None and record.finetune_id is not None
+            by_gateway.setdefault(base_override or record.base_url, []).append(record)
+        for base_url, records_there in by_gateway.items():
+            assert api_key is not None
             async with GatewayClient(base_url, api_key) as client:
-                try:
-                    await client.cancel_finetune(record.finetune_id)
-                except ConflictError as exc:
-                    click.echo(f"{record.name}: the gateway says {exc.message}")
-                except GatewayError as exc:
-                    raise InputError(f"cannot cancel {record.name} on {base_url}: {exc}") from None
+                for record in records_there:
+                    assert record.finetune_id is not None
+                    try:
+                        await client.cancel_finetune(record.finetune_id)
+                    except ConflictError as exc:
+                        refused.add(record.name)
+                        click.echo(f"{record.name}: the gateway says {exc.message}")
+                    except GatewayError as exc:
+                        raise InputError(
+                            f"cannot cancel {record.name} on {base_url}: {exc}"
+                        ) from None
         lock = OwnerLock(state_path)
         if not lock.held_by_other():
             lock.acquire()  # no engine: record the cancel ourselves
             try:
                 fresh = await store.load([r.name for r in targets])
                 for record in fresh.values():
-                    if not record.state.terminal:
+                    # A finetune the gateway says has finished is not marked cancelled:
+                    # the next `run` observes and records how it really ended.
+                    if not record.state.terminal and record.name not in refused:
                         done = record.evolve(state=State.CANCELLED, intent=None, next_poll_at=None)
                         await store.save(
                             done,
@@ -551,7 +561,12 @@ async def _cancel(
                     await anyio.sleep(0.2)
         final = await store.load([r.name for r in targets])
         for record in sorted(final.values(), key=lambda r: r.name):
-            note = "" if record.state.terminal else " (requested; the running engine applies it)"
+            if record.state.terminal:
+                note = ""
+            elif record.name in refused:
+                note = " (already finished on the gateway; the next run records how)"
+            else:
+                note = " (requested; the running engine applies it)"
             click.echo(f"{record.name}: {record.state.value}{note}")
         return 0
     finally:

@@ -109,7 +109,8 @@ class Simulator:
         """Put a file into the bucket as if it had been uploaded earlier (for ``s3_key`` jobs)."""
         target = self.world.objects_dir / hashlib.sha256(key.encode()).hexdigest()
         shutil.copyfile(source, target)
-        md5 = hashlib.md5(target.read_bytes()).hexdigest()
+        with target.open("rb") as handle:
+            md5 = hashlib.file_digest(handle, "md5").hexdigest()
         self.world.objects[key] = (target, md5, target.stat().st_size)
 
     # -------------------------------------------------------------------- faults
