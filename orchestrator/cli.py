@@ -24,7 +24,14 @@ from orchestrator.logs import Redactor, configure_logging
 from orchestrator.manifest import Manifest, load_manifest
 from orchestrator.metrics import Metrics
 from orchestrator.plan import Action, PlannedJob, inspect_datasets, plan_jobs
-from orchestrator.settings import CheckSettings, EngineSettings, PollSettings, UploadSettings
+from orchestrator.settings import (
+    HTTP_CLIENTS,
+    CheckSettings,
+    EngineSettings,
+    HttpClient,
+    PollSettings,
+    UploadSettings,
+)
 from orchestrator.states import JobRecord, State, Transition
 from orchestrator.store import OwnerLock, SqliteStore
 
@@ -85,6 +92,13 @@ def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="Cap on gateway requests per second (default: no cap).",
         ),
+        click.option(
+            "--http-client",
+            type=click.Choice(HTTP_CLIENTS),
+            default="aiohttp",
+            show_default=True,
+            help="What carries gateway requests; `make bench` compares their CPU cost.",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -98,6 +112,7 @@ def _settings(
     poll_max: float,
     min_examples: int,
     requests_per_second: float | None = None,
+    http_client: HttpClient = "aiohttp",
 ) -> EngineSettings:
     base = EngineSettings()
     return replace(
@@ -107,6 +122,7 @@ def _settings(
             max_connections=api_concurrency,
             max_keepalive=api_concurrency,
             requests_per_second=requests_per_second,
+            http_client=http_client,
         ),
         step_concurrency=api_concurrency,
         upload=replace(UploadSettings(), concurrency=upload_concurrency),

@@ -66,7 +66,7 @@ class Engine:
         self._idle = anyio.Event()
         self.stopping = False
         self.fatal: str | None = None
-        self.step_slots = anyio.CapacityLimiter(lc.settings.step_concurrency)
+        self.step_slots = anyio.Semaphore(lc.settings.step_concurrency, fast_acquire=True)
 
     # ----------------------------------------------------------------- control
 

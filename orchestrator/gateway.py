@@ -4,6 +4,9 @@ Everything that knows a path, a header name or a field of the gateway's JSON liv
 here. One method per documented call. Each endpoint says whether it may be retried
 blindly: reads and PUTs may; the two creates only when an ``Idempotency-Key`` is sent;
 ``/start`` never (the lifecycle observes the finetune instead, see ``lifecycle``).
+
+Bytes move through a ``sessions.HttpSession`` (aiohttp's client by default, or an
+``httpx.AsyncClient``); everything above the bytes is the same whichever carries them.
 """
 
 from __future__ import annotations
@@ -16,9 +19,8 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import quote
 
 import anyio
-import httpx
+import orjson
 import tenacity
-from httpx_aiohttp import AiohttpTransport
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
@@ -30,6 +32,7 @@ from orchestrator.errors import (
     permanent_for_status,
 )
 from orchestrator.retry import parse_retry_after
+from orchestrator.sessions import NoAnswer, Reply, open_session
 from orchestrator.settings import ClientSettings
 
 API_KEY_HEADER = "x-portkey-api-key"
@@ -191,25 +194,9 @@ class GatewayClient:
             if self.settings.requests_per_second
             else None
         )
-        s = self.settings
-        # Waiting for a slot here has no deadline; waiting in httpx's pool would time out.
-        self._slots = anyio.CapacityLimiter(s.max_connections)
-        limits = httpx.Limits(
-            max_connections=s.max_connections, max_keepalive_connections=s.max_keepalive
-        )
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            transport=AiohttpTransport(limits=limits) if s.transport == "aiohttp" else None,
-            headers={API_KEY_HEADER: api_key},
-            timeout=httpx.Timeout(
-                connect=s.connect_timeout,
-                read=s.read_timeout,
-                write=s.write_timeout,
-                pool=s.pool_timeout,
-            ),
-            limits=limits,
-            follow_redirects=False,
-        )
+        # Waiting for a slot here has no deadline; waiting in a pool would time out.
+        self._slots = anyio.Semaphore(self.settings.max_connections, fast_acquire=True)
+        self._http = open_session(self.settings, self.base_url, {API_KEY_HEADER: api_key})
 
     async def __aenter__(self) -> GatewayClient:
         return self
@@ -288,28 +275,23 @@ class GatewayClient:
         path = GET_FINETUNE.path.format(id="orchestrator-preflight-probe")
         for attempt in range(1, attempts + 1):
             try:
-                response = await self._http.get(path)
-            except httpx.TransportError as exc:
+                reply = await self._http.send("GET", path)
+            except NoAnswer as exc:
                 if attempt == attempts:
-                    raise RetryableError(
-                        GET_FINETUNE.name, self._describe(exc, "connection failed")
-                    ) from None
+                    raise RetryableError(GET_FINETUNE.name, self._describe(exc)) from None
                 await anyio.sleep(0.2 * attempt)
                 continue
-            if response.status_code in RETRYABLE_STATUSES:
+            if reply.status in RETRYABLE_STATUSES:
                 return  # busy, but there
-            if response.status_code in (401, 403):
-                self._unwrap(GET_FINETUNE, response)
-            try:
-                envelope = response.json()
-            except ValueError:
-                envelope = None
+            if reply.status in (401, 403):
+                self._unwrap(GET_FINETUNE, reply)
+            envelope = _json(reply.body)
             if not isinstance(envelope, dict) or "success" not in envelope:
                 raise PermanentError(
                     GET_FINETUNE.name,
-                    f"{self.base_url} answered HTTP {response.status_code} without the gateway's "
+                    f"{self.base_url} answered HTTP {reply.status} without the gateway's "
                     "{success, data} envelope; is the base URL right?",
-                    response.status_code,
+                    reply.status,
                 )
             return
 
@@ -325,71 +307,73 @@ class GatewayClient:
     ) -> Any:
         path = endpoint.path.format(id=quote(object_id, safe="")) if object_id else endpoint.path
         headers = {IDEMPOTENCY_HEADER: idempotency_key} if idempotency_key else {}
+        body = None
+        if json is not None:
+            body = orjson.dumps(json)
+            headers["Content-Type"] = "application/json"
         retry_allowed = endpoint.retry_blindly or idempotency_key is not None
-        if not retry_allowed:
-            return await self._attempt(endpoint, path, json, headers)
+        policy = self.settings.retry
+        # The first attempt runs outside tenacity: nearly every call succeeds at once,
+        # and a retry loop per call is a measurable share of the CPU of a big batch.
+        try:
+            return await self._attempt(endpoint, path, body, headers)
+        except RetryableError as exc:
+            if not retry_allowed or policy.max_attempts <= 1:
+                raise
+            self._note_retry(endpoint)
+            await anyio.sleep(policy.delay(1, exc.retry_after, self._rng))
 
         def note_retry(_: tenacity.RetryCallState) -> None:
-            if self._observer:
-                self._observer.gateway_retry(endpoint.name)
+            self._note_retry(endpoint)
 
         async for attempt in tenacity.AsyncRetrying(
-            **self.settings.retry.tenacity_kwargs(rng=self._rng, before_sleep=note_retry)
+            **policy.tenacity_kwargs(rng=self._rng, before_sleep=note_retry, attempts_made=1)
         ):
             with attempt:
-                return await self._attempt(endpoint, path, json, headers)
+                return await self._attempt(endpoint, path, body, headers)
         raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
 
+    def _note_retry(self, endpoint: Endpoint) -> None:
+        if self._observer:
+            self._observer.gateway_retry(endpoint.name)
+
     async def _attempt(
-        self,
-        endpoint: Endpoint,
-        path: str,
-        json: dict[str, Any] | None,
-        headers: dict[str, str],
+        self, endpoint: Endpoint, path: str, body: bytes | None, headers: dict[str, str]
     ) -> Any:
         async with self._slots:
             if self._limiter:
                 await self._limiter.acquire()
             started = time.monotonic()
             try:
-                response = await self._http.request(
-                    endpoint.method, path, json=json, headers=headers
-                )
-            except httpx.TimeoutException as exc:
+                reply = await self._http.send(endpoint.method, path, body, headers)
+            except NoAnswer as exc:
                 self._observe(endpoint, None, started)
-                raise RetryableError(endpoint.name, self._describe(exc, "timed out")) from None
-            except httpx.TransportError as exc:
-                self._observe(endpoint, None, started)
-                raise RetryableError(
-                    endpoint.name, self._describe(exc, "connection failed")
-                ) from None
-        self._observe(endpoint, response.status_code, started)
-        return self._unwrap(endpoint, response)
+                raise RetryableError(endpoint.name, self._describe(exc)) from None
+        self._observe(endpoint, reply.status, started)
+        return self._unwrap(endpoint, reply)
 
     def _observe(self, endpoint: Endpoint, status: int | None, started: float) -> None:
         if self._observer:
             self._observer.gateway_call(endpoint.name, status, time.monotonic() - started)
 
-    def _describe(self, exc: Exception, what: str) -> str:
+    def _describe(self, exc: NoAnswer) -> str:
         # The transport's own words when it has some (aiohttp reports a dropped connection
         # as a timeout class, but says "Server disconnected"); else what kind of failure.
-        detail = str(exc) or f"{what} ({type(exc).__name__})"
-        return scrub(f"gateway {self.base_url}: {detail}", self._api_key)
+        return scrub(f"gateway {self.base_url}: {exc}", self._api_key)
 
-    def _unwrap(self, endpoint: Endpoint, response: httpx.Response) -> Any:
-        status = response.status_code
-        try:
-            payload = response.json()
-        except ValueError:
-            payload = None
-        message = self._server_message(payload) or (response.text[:200] or response.reason_phrase)
+    def _unwrap(self, endpoint: Endpoint, reply: Reply) -> Any:
+        status = reply.status
+        payload = _json(reply.body)
+        message = self._server_message(payload) or (
+            reply.body[:200].decode(errors="replace") or reply.reason
+        )
         message = scrub(message, self._api_key)
         if status in RETRYABLE_STATUSES:
             raise RetryableError(
                 endpoint.name,
                 message,
                 status,
-                retry_after=parse_retry_after(response.headers.get("retry-after")),
+                retry_after=parse_retry_after(reply.headers.get("Retry-After")),
             )
         if status >= 400:
             raise permanent_for_status(status)(endpoint.name, message, status)
@@ -421,6 +405,13 @@ class GatewayClient:
                 f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
             )
             raise PermanentError(endpoint.name, f"unexpected response: {problems}") from None
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return None
 
 
 __all__ = [

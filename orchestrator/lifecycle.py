@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
-import httpx
 import structlog
 
 from orchestrator.datasets import DatasetReport
@@ -29,6 +28,7 @@ from orchestrator.errors import ConflictError, RetryableError, UploadError
 from orchestrator.gateway import Finetune, GatewayClient
 from orchestrator.manifest import JobSpec
 from orchestrator.metrics import Metrics
+from orchestrator.sessions import HttpSession
 from orchestrator.settings import EngineSettings
 from orchestrator.states import JobRecord, State, Transition, check_transition
 from orchestrator.statuses import Phase, StatusMap
@@ -130,13 +130,13 @@ class Lifecycle:
     """What the steps need: the gateway, the storage client, the store, the settings."""
 
     client: GatewayClient
-    storage: httpx.AsyncClient
+    storage: HttpSession
     store: CheckpointStore
     statuses: StatusMap
     settings: EngineSettings
     metrics: Metrics
-    upload_slots: anyio.CapacityLimiter
-    small_upload_slots: anyio.CapacityLimiter
+    upload_slots: anyio.Semaphore
+    small_upload_slots: anyio.Semaphore
     rng: random.Random = field(default_factory=random.Random)
     clock: PhaseClock = field(default_factory=PhaseClock)
     # Told when an estimate drops, so jobs sleeping in that state can poll sooner.

@@ -13,6 +13,7 @@ import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 _SIGNED_QUERY = re.compile(r"(https?://[^\s?\"'<>]+)\?[^\s\"'<>]*")
@@ -29,6 +30,7 @@ _CREDENTIAL_KEYS = frozenset(
     }
 )
 REDACTED = "***"
+_PLAIN = frozenset({bool, int, float})  # nothing to hide in a number
 
 
 class Redactor:
@@ -50,7 +52,9 @@ class Redactor:
         return value
 
     def _clean(self, value: Any, key: str | None = None) -> Any:
-        if key is not None and key.lower() in _CREDENTIAL_KEYS and value:
+        if value is None or type(value) in _PLAIN:
+            return value
+        if key is not None and key.lower() in _CREDENTIAL_KEYS:
             return REDACTED
         if isinstance(value, str):
             return self.text(value)
@@ -70,6 +74,10 @@ class Redactor:
         return event
 
 
+def _json_line(event: Any, **_: Any) -> str:
+    return orjson.dumps(event, default=repr).decode()
+
+
 def configure_logging(
     redactor: Redactor,
     *,
@@ -82,7 +90,7 @@ def configure_logging(
     if json_lines is None:
         json_lines = not stream.isatty()
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_json_line)
         if json_lines
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )

@@ -49,17 +49,19 @@ class RetryPolicy:
         retry_on: Callable[[BaseException], bool] | None = None,
         rng: random.Random | None = None,
         before_sleep: Callable[[tenacity.RetryCallState], Any] | None = None,
+        attempts_made: int = 0,
     ) -> dict[str, Any]:
-        """Arguments for ``tenacity.AsyncRetrying`` that follow this policy."""
+        """Arguments for ``tenacity.AsyncRetrying`` that follow this policy, counting
+        ``attempts_made`` before tenacity took over."""
 
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
             retry_after = exc.retry_after if isinstance(exc, RetryableError) else None
-            return self.delay(state.attempt_number, retry_after, rng)
+            return self.delay(state.attempt_number + attempts_made, retry_after, rng)
 
         predicate = retry_on or (lambda exc: isinstance(exc, RetryableError))
         return {
-            "stop": tenacity.stop_after_attempt(self.max_attempts),
+            "stop": tenacity.stop_after_attempt(max(1, self.max_attempts - attempts_made)),
             "wait": wait,
             "retry": tenacity.retry_if_exception(predicate),
             "reraise": True,

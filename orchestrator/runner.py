@@ -69,7 +69,7 @@ async def open_engine(
     rng = random.Random(seed)
     async with (
         GatewayClient(base_url, api_key, settings.client, observer=metrics, rng=rng) as client,
-        storage_client(settings.upload) as storage,
+        storage_client(settings.upload, settings.client.http_client) as storage,
     ):
         if preflight:
             await check_gateway(client)
@@ -80,8 +80,10 @@ async def open_engine(
             statuses=manifest.statuses,
             settings=settings,
             metrics=metrics,
-            upload_slots=anyio.CapacityLimiter(settings.upload.concurrency),
-            small_upload_slots=anyio.CapacityLimiter(settings.upload.small_concurrency),
+            upload_slots=anyio.Semaphore(settings.upload.concurrency, fast_acquire=True),
+            small_upload_slots=anyio.Semaphore(
+                settings.upload.small_concurrency, fast_acquire=True
+            ),
             rng=rng,
         )
         yield Engine(lc, until=until)

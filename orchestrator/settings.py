@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from orchestrator.retry import RetryPolicy
+
+# "aiohttp": aiohttp's client directly, the cheapest per request; "httpx": an
+# httpx.AsyncClient over aiohttp's connection pool; "httpx-httpcore": httpx on its own
+# pool. `make bench` measures the CPU per request of each.
+HttpClient = Literal["aiohttp", "httpx", "httpx-httpcore"]
+HTTP_CLIENTS: tuple[HttpClient, ...] = ("aiohttp", "httpx", "httpx-httpcore")
 
 
 @dataclass(frozen=True)
@@ -18,9 +25,7 @@ class ClientSettings:
     max_connections: int = 64
     max_keepalive: int = 32
     requests_per_second: float | None = None  # None: no cap
-    # "aiohttp": httpx's API over aiohttp's connection pool; "httpcore": httpx's own pool,
-    # which `make bench` measures at several times the CPU per request under concurrency.
-    transport: str = "aiohttp"
+    http_client: HttpClient = "aiohttp"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 

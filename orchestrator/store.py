@@ -148,6 +148,9 @@ _UPSERT = (
 )
 
 
+_Write = tuple[JobRecord, Transition | None] | SharedDataset
+
+
 class _Batch:
     def __init__(self) -> None:
         self.done = anyio.Event()
@@ -182,7 +185,10 @@ class SqliteStore:
             )
         self._thread_lock = threading.Lock()
         self._limiter = anyio.CapacityLimiter(1)
-        self._pending: list[tuple[JobRecord, Transition | None]] = []
+        self._pending: list[_Write] = []
+        # Every shared dataset, read once: the owner lock makes this engine the only
+        # writer, and each new job asks.
+        self._datasets: dict[str, SharedDataset] | None = None
         self._batch = _Batch()
         self._flushing = False
         self._leader_done = anyio.Event()
@@ -202,7 +208,15 @@ class SqliteStore:
     # ------------------------------------------------------------------- writes
 
     async def save(self, record: JobRecord, transition: Transition | None = None) -> None:
-        self._pending.append((record, transition))
+        await self._commit((record, transition))
+
+    async def remember_dataset(self, shared: SharedDataset) -> None:
+        if self._datasets is not None:
+            self._datasets[shared.content_key] = shared
+        await self._commit(shared)
+
+    async def _commit(self, item: _Write) -> None:
+        self._pending.append(item)
         batch = self._batch
         while not batch.done.is_set():
             if self._flushing:
@@ -226,12 +240,19 @@ class SqliteStore:
         if batch.error is not None:
             raise batch.error
 
-    def _write(self, items: list[tuple[JobRecord, Transition | None]]) -> None:
+    def _write(self, items: list[_Write]) -> None:
+        now = time.time()
+        datasets = [
+            (i.content_key, i.dataset_id, i.s3_key, now)
+            for i in items
+            if isinstance(i, SharedDataset)
+        ]
+        saves = [i for i in items if not isinstance(i, SharedDataset)]
         # Later saves of the same job in one batch supersede earlier ones.
-        rows = {record.name: _to_row(record) for record, _ in items}
+        rows = {record.name: _to_row(record) for record, _ in saves}
         history = [
             (t.name, t.old.value if t.old else None, t.new.value, t.at, t.detail)
-            for _, t in items
+            for _, t in saves
             if t is not None
         ]
         db = self._db
@@ -243,6 +264,12 @@ class SqliteStore:
                     "INSERT INTO transitions (name, old_state, new_state, at, detail) "
                     "VALUES (?, ?, ?, ?, ?)",
                     history,
+                )
+            if datasets:
+                db.executemany(
+                    "INSERT OR REPLACE INTO datasets (content_key, dataset_id, s3_key, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    datasets,
                 )
             db.execute("COMMIT")
         except BaseException:
@@ -258,17 +285,6 @@ class SqliteStore:
             with self._db:
                 self._db.executemany(
                     "INSERT OR IGNORE INTO cancel_requests (name, requested_at) VALUES (?, ?)", rows
-                )
-
-        await self._run(write)
-
-    async def remember_dataset(self, shared: SharedDataset) -> None:
-        def write() -> None:
-            with self._db:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO datasets (content_key, dataset_id, s3_key, created_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (shared.content_key, shared.dataset_id, shared.s3_key, time.time()),
                 )
 
         await self._run(write)
@@ -317,15 +333,13 @@ class SqliteStore:
         return result
 
     async def find_dataset(self, content_key: str) -> SharedDataset | None:
-        def read() -> SharedDataset | None:
-            row = self._db.execute(
-                "SELECT content_key, dataset_id, s3_key FROM datasets WHERE content_key = ?",
-                (content_key,),
-            ).fetchone()
-            return SharedDataset(*row) if row else None
+        def read() -> dict[str, SharedDataset]:
+            rows = self._db.execute("SELECT content_key, dataset_id, s3_key FROM datasets")
+            return {row[0]: SharedDataset(*row) for row in rows}
 
-        result: SharedDataset | None = await self._run(read)
-        return result
+        if self._datasets is None:
+            self._datasets = await self._run(read)
+        return self._datasets.get(content_key)
 
     async def clear_cancel(self, name: str) -> None:
         def write() -> None:

@@ -13,6 +13,7 @@ import random
 import re
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -20,12 +21,11 @@ from urllib.parse import unquote, urlsplit
 
 import anyio
 import anyio.to_thread
-import httpx
 import tenacity
-from httpx_aiohttp import AiohttpTransport
 
 from orchestrator.errors import RetryableError, UploadError
-from orchestrator.settings import UploadSettings
+from orchestrator.sessions import HttpSession, NoAnswer, Reply, open_session
+from orchestrator.settings import ClientSettings, HttpClient, UploadSettings
 
 MAX_SINGLE_PUT = 5 * 1024**3
 _S3_CODE = re.compile(rb"<Code>([^<]+)</Code>")
@@ -70,21 +70,25 @@ def redact_url(url: str) -> str:
     return url.split("?", 1)[0] + ("?<redacted>" if "?" in url else "")
 
 
-def storage_client(settings: UploadSettings) -> httpx.AsyncClient:
-    """A client for the storage host only: no gateway headers, no redirects, HTTP/1.1.
-
-    Over aiohttp's pool, like the gateway client: httpcore's pool costs most of the CPU
-    of a small upload when many are in flight (measured in `make bench`)."""
-    limits = httpx.Limits(
-        max_connections=settings.concurrency + settings.small_concurrency,
-        max_keepalive_connections=settings.small_concurrency,
+@asynccontextmanager
+async def storage_client(
+    settings: UploadSettings, http_client: HttpClient = "aiohttp"
+) -> AsyncIterator[HttpSession]:
+    """A session for the storage host only: no gateway headers, no redirects, HTTP/1.1."""
+    session = open_session(
+        ClientSettings(
+            connect_timeout=30.0,
+            read_timeout=300.0,
+            write_timeout=300.0,  # per block; the whole upload has its own deadline
+            max_connections=settings.concurrency + settings.small_concurrency,
+            max_keepalive=settings.small_concurrency,
+            http_client=http_client,
+        )
     )
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(limits=limits),
-        follow_redirects=False,
-        timeout=httpx.Timeout(connect=30.0, read=300.0, write=300.0, pool=None),
-        limits=limits,
-    )
+    try:
+        yield session
+    finally:
+        await session.aclose()
 
 
 class _FileBody:
@@ -119,7 +123,7 @@ class _FileBody:
 
 
 async def upload_dataset(
-    storage: httpx.AsyncClient,
+    storage: HttpSession,
     signed_url: str,
     path: Path,
     settings: UploadSettings,
@@ -142,21 +146,19 @@ async def upload_dataset(
         with path.open("rb") as handle:
             body = _FileBody(handle, size, settings.block_size, progress)
             try:
-                response = await storage.put(
+                reply = await storage.send(
+                    "PUT",
                     signed_url,
-                    content=body,
-                    # Explicit, or httpx would send an iterator with chunked encoding.
-                    headers={"Content-Length": str(size)},
+                    body,
+                    # Explicit, or an iterator would go out with chunked encoding.
+                    {"Content-Length": str(size)},
                 )
-            except httpx.TimeoutException:
+            except NoAnswer as exc:
                 _rewind(progress, body.sent)
-                raise RetryableError("upload", f"PUT {shown} timed out") from None
-            except httpx.TransportError as exc:
-                _rewind(progress, body.sent)
-                raise RetryableError(
-                    "upload", f"PUT {shown} failed: {type(exc).__name__}"
-                ) from None
-        return _check_response(response, body.md5.hexdigest(), shown, progress, body.sent)
+                # Not the transport's words: they may quote the signed URL.
+                what = "timed out" if exc.what == "timed out" else f"failed: {exc.cause}"
+                raise RetryableError("upload", f"PUT {shown} {what}") from None
+        return _check_response(reply, body.md5.hexdigest(), shown, progress, body.sent)
 
     try:
         with anyio.fail_after(settings.deadline):
@@ -180,20 +182,20 @@ def _rewind(progress: ProgressCallback | None, sent: int) -> None:
 
 
 def _check_response(
-    response: httpx.Response, md5: str, shown: str, progress: ProgressCallback | None, sent: int
+    reply: Reply, md5: str, shown: str, progress: ProgressCallback | None, sent: int
 ) -> str:
-    status = response.status_code
+    status = reply.status
     if status in (500, 502, 503, 504) or status == 429:
         _rewind(progress, sent)
         raise RetryableError("upload", f"storage answered {status}", status)
     if status == 403:
-        code, message = _s3_error(response.content)
+        code, message = _s3_error(reply.body)
         expired = code == "AccessDenied" and "expired" in message.lower()
         raise UploadError(f"storage refused the upload: {code}: {message}", expired=expired)
     if status >= 300:
-        code, message = _s3_error(response.content)
+        code, message = _s3_error(reply.body)
         raise UploadError(f"storage answered {status}: {code}: {message}")
-    etag = response.headers.get("etag", "").strip('"')
+    etag = reply.headers.get("etag", "").strip('"')
     if etag and "-" not in etag and etag != md5:
         _rewind(progress, sent)
         raise RetryableError("upload", f"ETag {etag} does not match the MD5 sent ({md5})")

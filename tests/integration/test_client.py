@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -18,7 +20,7 @@ from orchestrator.errors import (
 )
 from orchestrator.gateway import GatewayClient
 from orchestrator.retry import RetryPolicy
-from orchestrator.settings import ClientSettings
+from orchestrator.settings import HTTP_CLIENTS, ClientSettings
 from orchestrator.simulator import SimulatorThread
 from orchestrator.upload import s3_key_from_url
 from tests.conftest import write_dataset
@@ -28,9 +30,23 @@ pytestmark = pytest.mark.anyio
 FAST_RETRY = ClientSettings(retry=RetryPolicy(initial=0.01, maximum=0.05, max_attempts=8))
 
 
-def client_for(sim: SimulatorThread, key: str | None = None, **kw: object) -> GatewayClient:
-    settings = kw.pop("settings", FAST_RETRY)
-    return GatewayClient(sim.url, key or sim.simulator.config.api_key, settings)  # type: ignore[arg-type]
+ClientFactory = Callable[..., GatewayClient]
+
+
+@pytest.fixture(params=HTTP_CLIENTS)
+def client_for(request: pytest.FixtureRequest) -> ClientFactory:
+    """Every test here runs once per HTTP client the gateway client can carry bytes with."""
+
+    def make(
+        sim: SimulatorThread | str,
+        key: str | None = None,
+        settings: ClientSettings = FAST_RETRY,
+    ) -> GatewayClient:
+        url = sim if isinstance(sim, str) else sim.url
+        key = key or ("" if isinstance(sim, str) else sim.simulator.config.api_key)
+        return GatewayClient(url, key, replace(settings, http_client=request.param))
+
+    return make
 
 
 async def upload(url: str, path: Path) -> None:
@@ -54,7 +70,9 @@ async def _sleep(seconds: float) -> None:
     await anyio.sleep(seconds)
 
 
-async def test_every_documented_call_in_order(sim: SimulatorThread, tmp_path: Path) -> None:
+async def test_every_documented_call_in_order(
+    client_for: ClientFactory, sim: SimulatorThread, tmp_path: Path
+) -> None:
     data = write_dataset(tmp_path / "train set.jsonl")
     async with client_for(sim) as client:
         created = await client.create_dataset("train set.jsonl", "openai", "gpt-4o-mini")
@@ -86,7 +104,9 @@ async def test_every_documented_call_in_order(sim: SimulatorThread, tmp_path: Pa
     assert journal.requests["update_finetune"] == 1
 
 
-async def test_cancel_and_conflicts(sim: SimulatorThread, tmp_path: Path) -> None:
+async def test_cancel_and_conflicts(
+    client_for: ClientFactory, sim: SimulatorThread, tmp_path: Path
+) -> None:
     async with client_for(sim) as client:
         finetune = await client.create_finetune("job-b", "vk", "openai", "gpt-4o-mini", {})
         with pytest.raises(ConflictError) as no_dataset:
@@ -101,7 +121,7 @@ async def test_cancel_and_conflicts(sim: SimulatorThread, tmp_path: Path) -> Non
         assert twice.value.endpoint == "cancel_finetune"
 
 
-async def test_not_found_and_bad_request(sim: SimulatorThread) -> None:
+async def test_not_found_and_bad_request(client_for: ClientFactory, sim: SimulatorThread) -> None:
     async with client_for(sim) as client:
         with pytest.raises(NotFoundError) as missing:
             await client.get_finetune("ft_missing")
@@ -114,7 +134,9 @@ async def test_not_found_and_bad_request(sim: SimulatorThread) -> None:
         assert bad.value.status == 400 and not isinstance(bad.value, RetryableError)
 
 
-async def test_wrong_key_is_an_auth_error_without_the_key(sim: SimulatorThread) -> None:
+async def test_wrong_key_is_an_auth_error_without_the_key(
+    client_for: ClientFactory, sim: SimulatorThread
+) -> None:
     async with client_for(sim, key="wrong-key-123456") as client:
         with pytest.raises(AuthError) as refused:
             await client.create_dataset("a.jsonl", "openai", "gpt-4o-mini")
@@ -123,16 +145,18 @@ async def test_wrong_key_is_an_auth_error_without_the_key(sim: SimulatorThread) 
     assert sim.journal.requests["create_dataset"] == 0
 
 
-async def test_refused_connection_is_retryable_and_names_the_gateway() -> None:
+async def test_refused_connection_is_retryable_and_names_the_gateway(
+    client_for: ClientFactory,
+) -> None:
     settings = ClientSettings(retry=RetryPolicy(initial=0.01, maximum=0.02, max_attempts=2))
-    async with GatewayClient("http://127.0.0.1:9", "secret-key-abc", settings) as client:
+    async with client_for("http://127.0.0.1:9", "secret-key-abc", settings) as client:
         with pytest.raises(RetryableError) as failed:
             await client.get_finetune("ft_x")
     assert failed.value.status is None
     assert "http://127.0.0.1:9" in str(failed.value) and "secret-key-abc" not in str(failed.value)
 
 
-async def test_retry_after_is_honoured(sim: SimulatorThread) -> None:
+async def test_retry_after_is_honoured(client_for: ClientFactory, sim: SimulatorThread) -> None:
     sim.simulator.config.update({"rate_limit_rate": 1.0, "retry_after": 0.3})
     settings = ClientSettings(retry=RetryPolicy(initial=0.001, maximum=0.001, max_attempts=2))
     async with client_for(sim, settings=settings) as client:
@@ -146,7 +170,9 @@ async def test_retry_after_is_honoured(sim: SimulatorThread) -> None:
     assert waited >= 0.3
 
 
-async def test_retries_ride_out_injected_faults(sim: SimulatorThread) -> None:
+async def test_retries_ride_out_injected_faults(
+    client_for: ClientFactory, sim: SimulatorThread
+) -> None:
     sim.simulator.config.update(
         {"error_rate": 0.3, "rate_limit_rate": 0.1, "retry_after": 0.01, "drop_rate": 0.1}
     )
@@ -162,7 +188,9 @@ async def test_retries_ride_out_injected_faults(sim: SimulatorThread) -> None:
     assert sim.journal.finetune_creates["job-d"] == 1
 
 
-async def test_start_is_not_retried_blindly(sim: SimulatorThread) -> None:
+async def test_start_is_not_retried_blindly(
+    client_for: ClientFactory, sim: SimulatorThread
+) -> None:
     async with client_for(sim) as client:
         finetune = await client.create_finetune("job-e", "vk", "openai", "gpt-4o-mini", {})
         sim.simulator.config.update({"error_rate": 1.0})
@@ -172,7 +200,9 @@ async def test_start_is_not_retried_blindly(sim: SimulatorThread) -> None:
     assert sum(sim.journal.faults.values()) == 1
 
 
-async def test_idempotency_key_returns_the_same_object(sim: SimulatorThread) -> None:
+async def test_idempotency_key_returns_the_same_object(
+    client_for: ClientFactory, sim: SimulatorThread
+) -> None:
     async with client_for(sim) as client:
         first = await client.create_dataset("a.jsonl", "openai", "m", idempotency_key="same")
         second = await client.create_dataset("a.jsonl", "openai", "m", idempotency_key="same")
@@ -185,7 +215,9 @@ async def test_idempotency_key_returns_the_same_object(sim: SimulatorThread) -> 
     assert sim.journal.finetune_creates["f"] == 1
 
 
-async def test_lost_response_on_create_is_recovered_by_the_key(sim: SimulatorThread) -> None:
+async def test_lost_response_on_create_is_recovered_by_the_key(
+    client_for: ClientFactory, sim: SimulatorThread
+) -> None:
     sim.simulator.config.update({"lost_response_rate": 0.3})
     async with client_for(sim) as client:
         ids = {
@@ -201,7 +233,7 @@ async def test_lost_response_on_create_is_recovered_by_the_key(sim: SimulatorThr
     assert all(sim.journal.finetune_creates[f"lost-{i}"] == 1 for i in range(20))
 
 
-async def test_requests_per_second_cap(sim: SimulatorThread) -> None:
+async def test_requests_per_second_cap(client_for: ClientFactory, sim: SimulatorThread) -> None:
     settings = ClientSettings(requests_per_second=20)
     async with client_for(sim, settings=settings) as client:
         started = time.monotonic()
@@ -215,7 +247,9 @@ async def test_requests_per_second_cap(sim: SimulatorThread) -> None:
     assert elapsed >= 0.45
 
 
-async def test_server_errors_without_json_are_reported(sim: SimulatorThread) -> None:
+async def test_server_errors_without_json_are_reported(
+    client_for: ClientFactory, sim: SimulatorThread
+) -> None:
     async with client_for(sim) as client:
         with pytest.raises(NotFoundError) as unknown:
             await client._call(  # an undocumented path answers 404 with the envelope
@@ -226,7 +260,9 @@ async def test_server_errors_without_json_are_reported(sim: SimulatorThread) -> 
     assert "no route" in unknown.value.message
 
 
-async def test_success_false_with_200_is_permanent_and_keeps_the_message() -> None:
+async def test_success_false_with_200_is_permanent_and_keeps_the_message(
+    client_for: ClientFactory,
+) -> None:
     """A gateway may answer 200 with success: false; that is a refusal, not data."""
     from aiohttp import web
 
@@ -241,7 +277,7 @@ async def test_success_false_with_200_is_permanent_and_keeps_the_message() -> No
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
-        async with GatewayClient(f"http://127.0.0.1:{port}", "key-123456", FAST_RETRY) as client:
+        async with client_for(f"http://127.0.0.1:{port}", "key-123456") as client:
             with pytest.raises(PermanentError) as refused:
                 await client.get_finetune("ft_1")
     finally:

@@ -14,7 +14,7 @@ import pytest
 from orchestrator.errors import UploadError
 from orchestrator.gateway import GatewayClient
 from orchestrator.retry import RetryPolicy
-from orchestrator.settings import UploadSettings
+from orchestrator.settings import HTTP_CLIENTS, HttpClient, UploadSettings
 from orchestrator.simulator import SimulatorThread
 from orchestrator.upload import s3_key_from_url, storage_client, upload_dataset
 from tests.conftest import write_dataset
@@ -36,14 +36,15 @@ def stored(sim: SimulatorThread, key: str) -> bytes:
     return path.read_bytes()
 
 
+@pytest.mark.parametrize("http_client", HTTP_CLIENTS)
 async def test_exact_bytes_arrive_and_md5_matches_etag(
-    sim: SimulatorThread, tmp_path: Path
+    sim: SimulatorThread, tmp_path: Path, http_client: HttpClient
 ) -> None:
     source = tmp_path / "odd name+1.jsonl"
     source.write_bytes(bytes(range(256)) * 3001)  # not a multiple of the block size
     _, url = await signed_url(sim, source.name)
     sent: list[int] = []
-    async with storage_client(SETTINGS) as storage:
+    async with storage_client(SETTINGS, http_client) as storage:
         result = await upload_dataset(storage, url, source, SETTINGS, progress=sent.append)
     body = source.read_bytes()
     assert result.md5 == hashlib.md5(body).hexdigest() and result.size == len(body)
@@ -55,12 +56,15 @@ async def test_exact_bytes_arrive_and_md5_matches_etag(
     assert journal.storage_api_key_leaks == 0 and journal.storage_unsigned_amz_headers == 0
 
 
-async def test_storage_errors_restart_from_byte_zero(sim: SimulatorThread, tmp_path: Path) -> None:
+@pytest.mark.parametrize("http_client", HTTP_CLIENTS)
+async def test_storage_errors_restart_from_byte_zero(
+    sim: SimulatorThread, tmp_path: Path, http_client: HttpClient
+) -> None:
     source = write_dataset(tmp_path / "d.jsonl", examples=2000)
     urls = [(await signed_url(sim, f"d{i}.jsonl"))[1] for i in range(6)]
     sim.simulator.config.update({"storage_error_rate": 0.4})
     attempts = 0
-    async with storage_client(SETTINGS) as storage:
+    async with storage_client(SETTINGS, http_client) as storage:
         for url in urls:
             progress: list[int] = []
             result = await upload_dataset(storage, url, source, SETTINGS, progress=progress.append)
