@@ -28,6 +28,7 @@ lint: $(INSTALLED)
 	$(BIN)/mypy
 
 bench: $(INSTALLED)
+	$(BIN)/python -m compileall -q orchestrator  # edited since install: cached, as installed
 	$(BIN)/python -m bench
 
 sim: $(INSTALLED)

@@ -1,20 +1,23 @@
-"""Gateway requests per CPU-second at 64 in flight: httpx on its own pool (httpcore),
-httpx over aiohttp's pool (what the gateway client uses), and aiohttp alone."""
+"""Gateway requests per CPU-second at 64 in flight, through `GatewayClient` itself with
+each `--http-client` (aiohttp, the default; httpx over aiohttp's pool; httpx on its own
+pool), and aiohttp alone as the floor: what the client's own layers cost."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import resource
 from typing import Any
 
 import aiohttp
 import anyio
-import httpx
-from httpx_aiohttp import AiohttpTransport
 
 from bench.harness import API_KEY, simulator
+from orchestrator.gateway import GatewayClient
+from orchestrator.settings import HTTP_CLIENTS, ClientSettings, HttpClient
 
-PATH = "/v1/finetune/bench-missing"
+IN_FLIGHT = 64
+UVLOOP = {"use_uvloop": importlib.util.find_spec("uvloop") is not None}  # as the CLI runs
 
 
 def _cpu() -> float:
@@ -22,17 +25,15 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def _httpx(url: str, requests: int, aiohttp_pool: bool) -> float:
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-    transport = AiohttpTransport(limits=limits) if aiohttp_pool else None
-    async with httpx.AsyncClient(
-        base_url=url, headers={"x-portkey-api-key": API_KEY}, limits=limits, transport=transport
-    ) as client:
-        slots = anyio.CapacityLimiter(64)
+async def _gateway_client(url: str, requests: int, http_client: HttpClient) -> float:
+    settings = ClientSettings(max_connections=IN_FLIGHT, http_client=http_client)
+    async with GatewayClient(url, API_KEY, settings) as client:
+        finetune = await client.create_finetune("bench", "vk", "openai", "gpt-4o-mini", {})
+        slots = anyio.Semaphore(IN_FLIGHT)
 
         async def one() -> None:
             async with slots:
-                (await client.get(PATH)).json()
+                await client.get_finetune(finetune.id)
 
         started = _cpu()
         async with anyio.create_task_group() as tg:
@@ -43,10 +44,15 @@ async def _httpx(url: str, requests: int, aiohttp_pool: bool) -> float:
 
 async def _aiohttp(url: str, requests: int) -> float:
     async with aiohttp.ClientSession(url, headers={"x-portkey-api-key": API_KEY}) as session:
-        slots = asyncio.Semaphore(64)
+        async with session.post(
+            "/v1/finetune",
+            json={"name": "b", "virtual_key": "vk", "provider": "openai", "model": "m"},
+        ) as created:
+            path = f"/v1/finetune/{(await created.json())['data']['id']}"
+        slots = asyncio.Semaphore(IN_FLIGHT)
 
         async def one() -> None:
-            async with slots, session.get(PATH) as response:
+            async with slots, session.get(path) as response:
                 await response.json()
 
         started = _cpu()
@@ -55,9 +61,13 @@ async def _aiohttp(url: str, requests: int) -> float:
 
 
 def run(requests: int = 3000) -> dict[str, Any]:
+    results: dict[str, Any] = {}
     with simulator() as sim:
-        return {
-            "httpx_httpcore_req_per_cpu_s": round(anyio.run(_httpx, sim.url, requests, False)),
-            "httpx_aiohttp_req_per_cpu_s": round(anyio.run(_httpx, sim.url, requests, True)),
-            "aiohttp_req_per_cpu_s": round(asyncio.run(_aiohttp(sim.url, requests))),
-        }
+        for http_client in HTTP_CLIENTS:
+            rate = anyio.run(
+                _gateway_client, sim.url, requests, http_client, backend_options=UVLOOP
+            )
+            results[f"gateway_client_{http_client.replace('-', '_')}_req_per_cpu_s"] = round(rate)
+        rate = anyio.run(_aiohttp, sim.url, requests, backend_options=UVLOOP)
+        results["aiohttp_alone_req_per_cpu_s"] = round(rate)
+    return results

@@ -92,8 +92,9 @@ def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
     values = dict(zip(_FIELDS, row, strict=True))
     values["state"] = State(values["state"])
     for name in _TUPLE_FIELDS:
-        values[name] = tuple(json.loads(values[name] or "[]"))
-    return JobRecord(**values)
+        raw = values[name]
+        values[name] = tuple(json.loads(raw)) if raw and raw != "[]" else ()
+    return JobRecord.from_fields(values)
 
 
 _SCHEMA = f"""
@@ -189,6 +190,7 @@ class SqliteStore:
         # Every shared dataset, read once: the owner lock makes this engine the only
         # writer, and each new job asks.
         self._datasets: dict[str, SharedDataset] | None = None
+        self._datasets_loading = anyio.Lock(fast_acquire=True)
         self._batch = _Batch()
         self._flushing = False
         self._leader_done = anyio.Event()
@@ -337,8 +339,9 @@ class SqliteStore:
             rows = self._db.execute("SELECT content_key, dataset_id, s3_key FROM datasets")
             return {row[0]: SharedDataset(*row) for row in rows}
 
-        if self._datasets is None:
-            self._datasets = await self._run(read)
+        async with self._datasets_loading:  # one read, not one per job asking at once
+            if self._datasets is None:
+                self._datasets = await self._run(read)
         return self._datasets.get(content_key)
 
     async def clear_cancel(self, name: str) -> None:

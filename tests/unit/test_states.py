@@ -5,7 +5,14 @@ import itertools
 import pytest
 
 from orchestrator.lifecycle import POLLING_STATES, STEPS
-from orchestrator.states import TERMINAL, TRANSITIONS, IllegalTransition, State, check_transition
+from orchestrator.states import (
+    TERMINAL,
+    TRANSITIONS,
+    IllegalTransition,
+    JobRecord,
+    State,
+    check_transition,
+)
 
 
 def test_terminal_states_are_exactly_three() -> None:
@@ -55,3 +62,17 @@ def test_happy_path_is_allowed_and_s3_jobs_skip_uploaded() -> None:
 def test_illegal_transitions_are_refused(old: State, new: State) -> None:
     with pytest.raises(IllegalTransition):
         check_transition(old, new)
+
+
+def test_evolve_copies_changes_and_refuses_unknown_fields() -> None:
+    record = JobRecord(name="a", fingerprint="f", updated_at=0.0, abandoned_datasets=("ds_1",))
+    later = record.evolve(state=State.DATASET_CREATED, dataset_id="ds_2")
+    assert (later.state, later.dataset_id, later.abandoned_datasets) == (
+        State.DATASET_CREATED,
+        "ds_2",
+        ("ds_1",),
+    )
+    assert later.updated_at > 0.0 and record.state is State.PENDING  # the original is kept
+    assert later == JobRecord(**{**later.__dict__})
+    with pytest.raises(TypeError, match="datset_id"):
+        record.evolve(datset_id="typo")
