@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import fields, replace
 from functools import partial
 from pathlib import Path
@@ -25,7 +25,7 @@ from orchestrator.errors import ConflictError, GatewayError, InputError, Orchest
 from orchestrator.logs import Redactor, configure_logging
 from orchestrator.manifest import Manifest, load_manifest
 from orchestrator.metrics import Metrics
-from orchestrator.plan import Action, PlannedJob, inspect_datasets, plan_jobs
+from orchestrator.plan import Action, PlannedJob, inspect_datasets, plan_in_chunks, plan_jobs
 from orchestrator.settings import (
     HTTP_CLIENTS,
     CheckSettings,
@@ -228,30 +228,50 @@ async def _run(
             log.warning("dataset warning", warning=warning)
     lock = OwnerLock(state_path)
     lock.acquire()
+    planned: list[PlannedJob] = []  # every plan, as the engine takes it
+    store = SqliteStore(state_path) if await anyio.Path(state_path).exists() else None
     try:
-        records = await _load_records(state_path, [j.name for j in manifest.jobs])
-        planned = plan_jobs(
-            manifest.jobs, reports, records, retry_failed=retry_failed, replace=replace_names
+        chunks = plan_in_chunks(
+            manifest.jobs,
+            reports,
+            store.load if store else _no_records,
+            retry_failed=retry_failed,
+            replace=replace_names,
         )
-        if any(
-            p.action in (Action.CREATE, Action.RESUME, Action.RETRY, Action.REPLACE)
-            for p in planned
-        ):
-            await preflight(manifest, settings)  # a bad URL or key stores nothing
-        store = SqliteStore(state_path)
-        try:
-            async with open_engine(
-                manifest, store, settings, Metrics(), until=until, preflight=False
-            ) as engine:
-                summary = await _drive(engine, planned, settings.shutdown_grace, live)
-        finally:
-            store.close()
+        # Plan until a job needs the gateway: then one preflight, before anything is
+        # stored (a bad URL or key stores nothing, not even a new state file).
+        ahead: list[list[PlannedJob]] = []
+        async for chunk in chunks:
+            ahead.append(chunk)
+            if any(p.action.calls_gateway for p in chunk):
+                await preflight(manifest, settings)
+                break
+
+        async def every_chunk() -> AsyncIterator[list[PlannedJob]]:
+            for chunk in ahead:
+                planned.extend(chunk)
+                yield chunk
+            async for chunk in chunks:
+                planned.extend(chunk)
+                yield chunk
+
+        store = store or SqliteStore(state_path)
+        async with open_engine(
+            manifest, store, settings, Metrics(), until=until, preflight=False
+        ) as engine:
+            summary = await _drive(engine, every_chunk(), settings.shutdown_grace, live)
     finally:
+        if store is not None:
+            store.close()
         lock.release()
     _print_summary(summary, planned)
     if summary.fatal:
         raise InputError(summary.fatal)
     return summary.exit_code(until)
+
+
+async def _no_records(names: list[str]) -> dict[str, JobRecord]:
+    return {}
 
 
 async def _load_records(state_path: Path, names: Sequence[str]) -> dict[str, JobRecord]:
@@ -265,7 +285,9 @@ async def _load_records(state_path: Path, names: Sequence[str]) -> dict[str, Job
         store.close()
 
 
-async def _drive(engine: Engine, planned: list[PlannedJob], grace: float, live: bool) -> RunSummary:
+async def _drive(
+    engine: Engine, planned: AsyncIterable[list[PlannedJob]], grace: float, live: bool
+) -> RunSummary:
     """Run the batch; the first SIGINT/SIGTERM stops new steps, a second (or the grace
     period running out) cancels what is still in flight."""
     result: list[RunSummary] = []

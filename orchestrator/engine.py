@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -98,17 +98,23 @@ class Engine:
 
     # ------------------------------------------------------------------ batches
 
-    async def run_batch(self, planned: Iterable[PlannedJob]) -> RunSummary:
+    async def run_batch(
+        self, planned: Iterable[PlannedJob] | AsyncIterable[list[PlannedJob]]
+    ) -> RunSummary:
+        """Drive every planned job to its end (or to ``until``). ``planned`` may come in
+        chunks (``plan.plan_in_chunks``): each is admitted and started as it arrives."""
         summary = RunSummary()
         self.lc.clock.estimates.update(await self.lc.store.load_estimates())
-        runs = await self.admit(planned, summary)
+        runs: list[JobRun] = []
         async with anyio.create_task_group() as outer:
             outer.start_soon(self.watch_cancels)
             async with anyio.create_task_group() as jobs:
-                for index, run in enumerate(runs):
-                    jobs.start_soon(self.drive, run)
-                    if index % self.ADMIT_CHUNK == self.ADMIT_CHUNK - 1:
-                        await self._admission_room()
+                async for chunk in _chunks(planned):
+                    for run in await self.admit(chunk, summary):
+                        runs.append(run)
+                        jobs.start_soon(self.drive, run)
+                        if len(runs) % self.ADMIT_CHUNK == 0:
+                            await self._admission_room()
             outer.cancel_scope.cancel()
         for run in runs:
             summary.states[run.record.name] = run.record.state
@@ -328,3 +334,13 @@ class Engine:
             await run.wake.wait()
         if run.wake.is_set() and not self.stopping:
             run.wake = anyio.Event()
+
+
+async def _chunks(
+    planned: Iterable[PlannedJob] | AsyncIterable[list[PlannedJob]],
+) -> AsyncIterator[list[PlannedJob]]:
+    if isinstance(planned, AsyncIterable):
+        async for chunk in planned:
+            yield chunk
+    else:
+        yield list(planned)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client import Counter as PromCounter
@@ -62,18 +63,28 @@ class Metrics:
             "orchestrator_manifest_errors", "Manifests that failed to load", registry=r
         )
         self.uploads: dict[str, UploadProgress] = {}
+        self._children: dict[tuple[object, ...], Any] = {}
+
+    def _labelled(self, metric: PromCounter, *values: str) -> Any:
+        # labels() validates and locks on every call; a batch makes ~20 per job, over a
+        # few dozen distinct label sets.
+        key = (metric, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     # -- gateway client observer
     def gateway_call(self, endpoint: str, status: int | None, seconds: float) -> None:
         status_class = f"{status // 100}xx" if status else "transport_error"
-        self.calls.labels(endpoint, status_class).inc()
+        self._labelled(self.calls, endpoint, status_class).inc()
 
     def gateway_retry(self, endpoint: str) -> None:
-        self.retries.labels(endpoint).inc()
+        self._labelled(self.retries, endpoint).inc()
 
     # -- lifecycle
     def transition(self, old: str, new: str) -> None:
-        self.transitions.labels(old, new).inc()
+        self._labelled(self.transitions, old, new).inc()
 
     def polled(self) -> None:
         self.polls.inc()

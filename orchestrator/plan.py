@@ -12,7 +12,7 @@ invalid    its local dataset fails the checks: failed without touching the gatew
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,10 @@ class Action(enum.StrEnum):
     RETRY = "retry"
     REPLACE = "replace"
     INVALID = "invalid"
+
+    @property
+    def calls_gateway(self) -> bool:
+        return self in (Action.CREATE, Action.RESUME, Action.RETRY, Action.REPLACE)
 
 
 @dataclass(frozen=True)
@@ -114,3 +118,25 @@ def plan_jobs(
             action = Action.INVALID
         planned.append(PlannedJob(spec, action, fingerprint, record, report))
     return planned
+
+
+RecordLoader = Callable[[list[str]], Awaitable[Mapping[str, JobRecord]]]
+
+
+async def plan_in_chunks(
+    specs: Sequence[JobSpec],
+    reports: Mapping[Path, DatasetReport],
+    load: RecordLoader,
+    *,
+    retry_failed: bool = False,
+    replace: Iterable[str] = (),
+    chunk: int = 256,
+) -> AsyncIterator[list[PlannedJob]]:
+    """``plan_jobs`` a chunk at a time, reading each chunk's records as it goes: a rerun
+    of 10,000 jobs starts the first ones while the rest are still being compared with
+    the store."""
+    replace = tuple(replace)
+    for start in range(0, len(specs), chunk):
+        part = specs[start : start + chunk]
+        records = await load([spec.name for spec in part])
+        yield plan_jobs(part, reports, records, retry_failed=retry_failed, replace=replace)
