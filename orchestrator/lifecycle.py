@@ -52,6 +52,7 @@ class JobRun:
     wake: anyio.Event = field(default_factory=anyio.Event)
     cancel_requested: bool = False
     last_poll_at: float | None = None  # wall clock of the last status GET
+    sleeping_until: float | None = None  # wall clock its poll is due, while it waits
 
     @property
     def log(self) -> Any:

@@ -21,9 +21,9 @@ from urllib.parse import unquote, urlsplit
 
 import anyio
 import anyio.to_thread
-import tenacity
 
 from orchestrator.errors import RetryableError, UploadError
+from orchestrator.retry import call_with_retries
 from orchestrator.sessions import HttpSession, NoAnswer, Reply, open_session
 from orchestrator.settings import ClientSettings, HttpClient, UploadSettings
 
@@ -178,9 +178,7 @@ async def upload_dataset(
 
     try:
         with anyio.fail_after(settings.deadline):
-            async for retrying in tenacity.AsyncRetrying(**settings.retry.tenacity_kwargs(rng=rng)):
-                with retrying:
-                    md5 = await attempt()
+            md5 = await call_with_retries(settings.retry, attempt, rng=rng)
     except TimeoutError:
         raise UploadError(
             f"upload to {shown} did not finish within {settings.deadline:g}s"

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 
-from orchestrator.errors import UploadError
-from orchestrator.retry import RetryPolicy, parse_retry_after
+from orchestrator.errors import PermanentError, RetryableError, UploadError
+from orchestrator.retry import RetryPolicy, call_with_retries, parse_retry_after
 from orchestrator.upload import redact_url, s3_key_from_url
 
 
@@ -64,3 +65,38 @@ def test_url_without_key_is_an_error() -> None:
 def test_redact_url_drops_the_signature() -> None:
     shown = redact_url("https://b.s3.amazonaws.com/k?X-Amz-Signature=abcd&X-Amz-Credential=AKIA")
     assert "abcd" not in shown and "AKIA" not in shown and shown.startswith("https://b.s3")
+
+
+class Flaky:
+    """Fails with ``errors`` in turn, then answers "done"."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.calls: list[float] = []
+
+    async def __call__(self) -> str:
+        self.calls.append(time.monotonic())
+        if self.errors:
+            raise self.errors.pop(0)
+        return "done"
+
+
+@pytest.mark.anyio
+async def test_call_with_retries_counts_attempts_and_waits_between_them() -> None:
+    policy = RetryPolicy(initial=0.02, coefficient=2.0, maximum=1.0, max_attempts=4, jitter=False)
+    retried: list[int] = []
+    flaky = Flaky(RetryableError("x", "busy"), RetryableError("x", "busy", 429, retry_after=0.1))
+    assert await call_with_retries(policy, flaky, on_retry=lambda: retried.append(1)) == "done"
+    assert len(flaky.calls) == 3 and len(retried) == 2
+    first_wait, second_wait = (b - a for a, b in zip(flaky.calls, flaky.calls[1:], strict=False))
+    assert first_wait >= 0.02 and second_wait >= 0.1  # the backoff, then the Retry-After
+
+    exhausted = Flaky(*(RetryableError("x", "busy") for _ in range(9)))
+    with pytest.raises(RetryableError):
+        await call_with_retries(policy, exhausted)
+    assert len(exhausted.calls) == policy.max_attempts
+
+    permanent = Flaky(PermanentError("x", "no", 400))
+    with pytest.raises(PermanentError):
+        await call_with_retries(policy, permanent)
+    assert len(permanent.calls) == 1
