@@ -79,6 +79,10 @@ def run(
         results[f"makespan_{jobs}_jobs_s"] = round(many.wall, 2)
         results["makespan_ratio"] = round(many.wall / one.wall, 3)
         results["cpu_ms_per_job"] = round(1000 * many.cpu / jobs, 2)
+        # Without the fixed cost of a process (interpreter, imports), which the 1-job run
+        # measures: what each further job costs.
+        results["cpu_ms_per_additional_job"] = round(1000 * (many.cpu - one.cpu) / (jobs - 1), 2)
+        results["cpu_s_1_job"] = round(one.cpu, 2)
         gets = runs[jobs][1] / jobs
         results["status_gets_per_job"] = round(gets, 2)
         results["polls_vs_minimum"] = round(gets / MINIMUM_GETS_PER_JOB, 2)

@@ -229,8 +229,10 @@ async def _run(
     lock = OwnerLock(state_path)
     lock.acquire()
     planned: list[PlannedJob] = []  # every plan, as the engine takes it
-    store = SqliteStore(state_path) if await anyio.Path(state_path).exists() else None
+    store: SqliteStore | None = None
     try:
+        if await anyio.Path(state_path).exists():
+            store = SqliteStore(state_path)  # a new one is created only after the preflight
         chunks = plan_in_chunks(
             manifest.jobs,
             reports,
