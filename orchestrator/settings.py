@@ -19,11 +19,13 @@ class ClientSettings:
     """How the gateway client talks HTTP."""
 
     connect_timeout: float = 10.0
-    read_timeout: float = 60.0
+    read_timeout: float = 60.0  # between bytes of an answer
+    # httpx only: aiohttp has no per-write timeout, and the client's own slots keep
+    # requests from ever waiting in a pool.
     write_timeout: float = 60.0
     pool_timeout: float = 60.0
     max_connections: int = 64
-    max_keepalive: int = 32
+    max_keepalive: int = 32  # httpx only; aiohttp keeps up to max_connections idle
     requests_per_second: float | None = None  # None: no cap
     http_client: HttpClient = "aiohttp"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
