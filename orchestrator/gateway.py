@@ -343,8 +343,8 @@ class GatewayClient:
             self._observer.gateway_call(endpoint.name, status, time.monotonic() - started)
 
     def _describe(self, exc: NoAnswer) -> str:
-        # The transport's own words when it has some (aiohttp reports a dropped connection
-        # as a timeout class, but says "Server disconnected"); else what kind of failure.
+        # NoAnswer carries the transport's own words ("Server disconnected"), or else
+        # what kind of failure it was.
         return scrub(f"gateway {self.base_url}: {exc}", self._api_key)
 
     def _unwrap(self, endpoint: Endpoint, reply: Reply) -> Any:

@@ -2,7 +2,8 @@
 
 Temporal's shape: initial interval, coefficient, maximum interval, maximum attempts,
 plus full jitter; a server's ``Retry-After`` wins when it sends one. Retry loops
-themselves are tenacity's; this module only decides how long to wait.
+themselves are tenacity's, entered after a first attempt that failed
+(``call_with_retries``); this module decides how long to wait.
 """
 
 from __future__ import annotations
