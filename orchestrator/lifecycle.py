@@ -107,9 +107,14 @@ class PhaseClock:
         started = run.record.phase_started_at
         if estimate is None or started is None:
             return None
+        due = started + estimate
+        asked = run.last_poll_at
         probe = zlib.crc32(run.record.name.encode()) % self.PROBE_EVERY == 0
-        due = started + estimate * (self.PROBE_LEAD if probe else 1.0)
-        if run.last_poll_at is not None and run.last_poll_at >= due:
+        if probe and (asked is None or asked < started + estimate * self.PROBE_LEAD):
+            # Early, once; a probe that found the phase still running then polls at
+            # the estimate like the others, not on the blind backoff.
+            due = started + estimate * self.PROBE_LEAD
+        if asked is not None and asked >= due:
             return None  # already asked after that moment: the backoff decides now
         return due
 

@@ -57,7 +57,13 @@ def test_the_estimate_only_shrinks_and_probes_poll_early() -> None:
     assert clock.finished(run_for("b", 0.0), now=12.0) is None  # longer: ignored
     assert clock.finished(run_for("c", 0.0), now=9.9) is None  # within 2%: not worth a wake
     assert clock.finished(run_for("d", 0.0), now=8.0) == 8.0
-    assert clock.expected_end(run_for(probe_name(), 0.0)) == 8.0 * PhaseClock.PROBE_LEAD
+    probe = run_for(probe_name(), 0.0)
+    assert clock.expected_end(probe) == 8.0 * PhaseClock.PROBE_LEAD
+    # Still running when probed: next at the estimate like the others, then the backoff.
+    probe.last_poll_at = 8.0 * PhaseClock.PROBE_LEAD + 0.01
+    assert clock.expected_end(probe) == 8.0
+    probe.last_poll_at = 8.02
+    assert clock.expected_end(probe) is None
 
 
 def test_first_jobs_scout_and_the_rest_wait_for_them() -> None:
