@@ -9,6 +9,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -398,11 +399,16 @@ def running_simulator(config: SimConfig | None = None) -> Iterator[SimulatorThre
 
 
 async def serve_forever(config: SimConfig, host: str, port: int, data_dir: Path | None) -> None:
-    """Run until cancelled; prints where it listens as the first line."""
+    """Run until SIGINT or SIGTERM; prints where it listens as the first line. On the way
+    out a temporary data folder is removed: uploads leave gigabytes in it."""
     simulator = Simulator(config, data_dir)
     url = await simulator.start(host, port)
     print(f"simulator listening on {url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
     try:
-        await asyncio.Event().wait()
+        await stop.wait()
     finally:
         await simulator.stop()

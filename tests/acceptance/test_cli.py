@@ -7,6 +7,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from orchestrator.simulator import SimulatorThread
@@ -180,3 +181,28 @@ def test_bad_gateway_is_one_line_and_exit_2(
     assert expected in lines[0]
     assert sim.journal.dataset_creates == {}
     assert not (tmp_path / "s.db").exists()  # nothing stored
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sim_stops_on_a_signal_and_removes_its_uploads(tmp_path: Path, signum: int) -> None:
+    data = tmp_path / "tmp"
+    data.mkdir()
+    process = subprocess.Popen(
+        cli_args("sim", "--port", "0", "--api-key", "sim-key-1234"),
+        env=cli_env(TMPDIR=str(data)),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    url = process.stdout.readline().strip().rsplit(" ", 1)[-1]
+    assert url.startswith("http://127.0.0.1:")
+    created = httpx.post(
+        f"{url}/v1/datasets",
+        headers={"x-portkey-api-key": "sim-key-1234"},
+        json={"name": "d.jsonl", "provider": "openai", "model": "m", "type": "training"},
+    ).json()["data"]
+    assert httpx.put(created["signed_url"], content=b"x" * 4096).status_code == 200
+    assert [p.name[:13] for p in data.iterdir()] == ["finetune-sim-"]  # holds the upload
+    process.send_signal(signum)
+    assert process.wait(timeout=20) == 0
+    assert list(data.iterdir()) == []
