@@ -188,9 +188,7 @@ class Daemon:
         records = await self.store.load([job.name for job in specs])
         planned = plan_jobs(specs, reports, records)
         runs = await engine.admit(planned, RunSummary())
-        group = self._engine_groups[self._key(manifest)]
-        for run in runs:
-            group.start_soon(engine.drive, run)
+        await engine.start(self._engine_groups[self._key(manifest)], runs)
         log.info(
             "manifest loaded", manifest=str(entry.path), jobs=len(manifest.jobs), driving=len(runs)
         )

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.abc
 import anyio.lowlevel
 import structlog
 
@@ -111,11 +112,9 @@ class Engine:
             outer.start_soon(self.watch_cancels)
             async with anyio.create_task_group() as jobs:
                 async for chunk in _chunks(planned):
-                    for run in await self.admit(chunk, summary):
-                        runs.append(run)
-                        jobs.start_soon(self.drive, run)
-                        if len(runs) % self.ADMIT_CHUNK == 0:
-                            await self._admission_room()
+                    admitted = await self.admit(chunk, summary)
+                    await self.start(jobs, admitted)
+                    runs += admitted
             outer.cancel_scope.cancel()
         for run in runs:
             summary.states[run.record.name] = run.record.state
@@ -126,6 +125,13 @@ class Engine:
         )
         summary.fatal = self.fatal
         return summary
+
+    async def start(self, group: anyio.abc.TaskGroup, runs: list[JobRun]) -> None:
+        """Drive ``runs`` in ``group``, ``ADMIT_CHUNK`` at a time (see ``_admission_room``)."""
+        for index, run in enumerate(runs, 1):
+            group.start_soon(self.drive, run)
+            if index % self.ADMIT_CHUNK == 0:
+                await self._admission_room()
 
     async def _admission_room(self) -> None:
         """Return once the jobs already started no longer queue for step slots.
