@@ -219,7 +219,7 @@ class Daemon:
             engine.lc.clock.estimates.update(await self.store.load_estimates())
             self.engines[key] = engine
             self._engine_groups[key] = group
-            group.start_soon(engine.watch_cancels)
+            group.start_soon(engine.serve)
             task_status.started()
             await anyio.sleep_forever()
 

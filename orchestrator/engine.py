@@ -7,6 +7,9 @@ the store (the control plane), checked between steps and during every wait.
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
@@ -50,6 +53,45 @@ class RunSummary:
         return 0 if ok else 1
 
 
+class PollTimer:
+    """One timer for every job waiting for its next status poll.
+
+    A waiting job sleeps on its own ``wake`` event, and this sets it when the poll is
+    due. A due time that moves (a learned phase duration dropped) moves here, in the
+    heap, without waking the job: each wake-up costs a task switch and a new wait, and
+    with a timer per job, 1,000 jobs learning their durations woke up 4,700 times.
+    """
+
+    GRAIN = 0.01  # seconds: polls due this close together are woken together
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, JobRun, anyio.Event]] = []
+        self._order = itertools.count()  # ties never compare runs
+        self._earliest = math.inf
+        self._changed = anyio.Event()
+
+    def wake_at(self, run: JobRun, due: float) -> None:
+        """Wake ``run`` at wall-clock ``due``; an earlier ``wake_at`` for it no longer counts."""
+        run.sleeping_until = due
+        heapq.heappush(self._heap, (due, next(self._order), run, run.wake))
+        if due < self._earliest:
+            self._changed.set()
+
+    async def serve(self) -> None:
+        heap = self._heap
+        while True:
+            now = time.time()
+            while heap and heap[0][0] <= now + self.GRAIN:
+                due, _, run, wake = heapq.heappop(heap)
+                if run.sleeping_until == due and run.wake is wake:  # else superseded
+                    wake.set()
+            self._earliest = heap[0][0] if heap else math.inf
+            if self._changed.is_set():
+                self._changed = anyio.Event()
+            with anyio.move_on_after(self._earliest - now):
+                await self._changed.wait()
+
+
 class Engine:
     ADMIT_CHUNK = 64  # jobs started between looks at the step-slot queue
     WAKE_TOLERANCE = 0.25  # seconds a sleeping poll may be off before it is rescheduled
@@ -72,6 +114,7 @@ class Engine:
         self.stopping = False
         self.fatal: str | None = None
         self.step_slots = anyio.Semaphore(lc.settings.step_concurrency, fast_acquire=True)
+        self.timer = PollTimer()
 
     # ----------------------------------------------------------------- control
 
@@ -80,6 +123,12 @@ class Engine:
         self.stopping = True
         for run in self.runs.values():
             run.wake.set()
+
+    async def serve(self) -> None:
+        """Forever, beside the jobs: the poll timer, and cancel requests from the store."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.timer.serve)
+            tg.start_soon(self.watch_cancels)
 
     async def watch_cancels(self) -> None:
         """Forever: turn cancel requests in the store into wake-ups of the affected runs."""
@@ -109,7 +158,7 @@ class Engine:
         self.lc.clock.estimates.update(await self.lc.store.load_estimates())
         runs: list[JobRun] = []
         async with anyio.create_task_group() as outer:
-            outer.start_soon(self.watch_cancels)
+            outer.start_soon(self.serve)
             async with anyio.create_task_group() as jobs:
                 async for chunk in _chunks(planned):
                     admitted = await self.admit(chunk, summary)
@@ -318,30 +367,32 @@ class Engine:
     async def _wait_for_poll(self, run: JobRun) -> bool:
         """Sleep until the job's next poll is due; False if woken to stop or cancel.
 
-        A wake-up can also mean a learned phase duration dropped: the due time is then
-        recomputed and the job may poll sooner than its backoff said."""
+        The timer may wake it early when the due time can no longer be computed (see
+        ``_estimate_dropped``): it is then recomputed."""
         while True:
             due = lifecycle.poll_due(self.lc, run)
-            wait = (due - time.time()) if due is not None else 0.0
-            if wait <= 0:
+            if due is None or due - time.time() <= self.timer.GRAIN:
                 return True
-            run.sleeping_until = due
+            self.timer.wake_at(run, due)
             try:
-                await self._sleep(run, wait)
+                await run.wake.wait()
             finally:
                 run.sleeping_until = None
             if self.stopping or run.cancel_requested:
                 return False
+            run.wake = anyio.Event()
 
     def _estimate_dropped(self, state: State) -> None:
-        # Only the jobs whose next poll moves: the estimate creeps down a little with
-        # most jobs that finish, and waking a thousand sleepers for each was most of
-        # the sleeping's CPU.
+        # The sleepers of that state whose next poll moves get a new due time; none of
+        # them wakes for it. The estimate creeps down a little with most jobs that
+        # finish: the tolerance keeps the timer's heap from growing with each.
         for run in self.runs.values():
             if run.record.state is state and run.sleeping_until is not None:
                 due = lifecycle.poll_due(self.lc, run)
-                if due is None or abs(due - run.sleeping_until) > self.WAKE_TOLERANCE:
+                if due is None:
                     run.wake.set()
+                elif abs(due - run.sleeping_until) > self.WAKE_TOLERANCE:
+                    self.timer.wake_at(run, due)
 
     async def _sleep(self, run: JobRun, seconds: float) -> None:
         if seconds <= 0:

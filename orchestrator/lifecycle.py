@@ -4,9 +4,11 @@ runs in which state.
 Rules every step keeps:
 - each transition is durable (``Lifecycle.transition``) before the next side effect;
 - before a non-idempotent call (the two creates, ``/start``) the intent is persisted,
+  with the transition before it where there is one (a save of its own costs a commit),
   and the creates carry an ``Idempotency-Key`` derived from the job and its attempt;
-- a persisted ``start_finetune`` intent is resolved by *observing* the finetune first:
-  ``/start`` is sent again only while the gateway still says the dataset is validated.
+- a persisted ``start_finetune`` intent whose call may have gone out (in an earlier
+  attempt or process) is resolved by *observing* the finetune first: ``/start`` is sent
+  again only while the gateway still says the dataset is validated.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ CREATE_DATASET = "create_dataset"
 CREATE_FINETUNE = "create_finetune"
 START_FINETUNE = "start_finetune"
 
+_job_log = structlog.get_logger("job")
+
 
 @dataclass
 class JobRun:
@@ -53,11 +57,12 @@ class JobRun:
     cancel_requested: bool = False
     last_poll_at: float | None = None  # wall clock of the last status GET
     sleeping_until: float | None = None  # wall clock its poll is due, while it waits
+    unsent_intent: str | None = None  # persisted by this process; its call not sent yet
 
     @property
     def log(self) -> Any:
         r = self.record
-        return structlog.get_logger("job").bind(
+        return _job_log.bind(
             job=r.name, state=r.state.value, dataset_id=r.dataset_id, finetune_id=r.finetune_id
         )
 
@@ -157,6 +162,8 @@ class Lifecycle:
         record = run.record.evolve(state=new, **changes)
         await self.store.save(record, Transition(record.name, old, new, record.updated_at, detail))
         run.record = record
+        if "intent" in changes:
+            run.unsent_intent = changes["intent"]
         self.metrics.transition(old.value, new.value)
         run.log.info("transition", old=old.value, detail=detail)
 
@@ -165,6 +172,8 @@ class Lifecycle:
         record = run.record.evolve(**changes)
         await self.store.save(record)
         run.record = record
+        if "intent" in changes:
+            run.unsent_intent = changes["intent"]
 
     @asynccontextmanager
     async def content_lock(self, key: str) -> AsyncIterator[None]:
@@ -204,6 +213,7 @@ async def prepare_dataset(lc: Lifecycle, run: JobRun) -> None:
                     f"reused dataset {shared.dataset_id}",
                     dataset_id=shared.dataset_id,
                     s3_key=shared.s3_key,
+                    intent=CREATE_FINETUNE,
                 )
                 return
         if run.spec.s3_key is None and run.record.state is not State.UPLOADED:
@@ -217,12 +227,14 @@ async def prepare_dataset(lc: Lifecycle, run: JobRun) -> None:
         s3_key = run.spec.s3_key or run.record.s3_key
         assert run.record.dataset_id is not None and s3_key is not None
         await lc.client.update_dataset(run.record.dataset_id, s3_key)
-        await lc.transition(run, State.DATASET_READY, s3_key=s3_key)
+        await lc.transition(run, State.DATASET_READY, s3_key=s3_key, intent=CREATE_FINETUNE)
         await lc.store.remember_dataset(SharedDataset(key, run.record.dataset_id, s3_key))
 
 
 async def _create_dataset(lc: Lifecycle, run: JobRun) -> None:
-    if run.record.intent != CREATE_DATASET:
+    # A pending job knows of no dataset, and its create carries the job's idempotency
+    # key, so "pending" already says what a crash may have left: no intent to save.
+    if run.record.state is not State.PENDING and run.record.intent != CREATE_DATASET:
         await lc.persist(run, intent=CREATE_DATASET)
     created = await lc.client.create_dataset(
         run.spec.dataset_name,
@@ -329,7 +341,13 @@ async def await_validation(lc: Lifecycle, run: JobRun) -> None:
     if phase is not None and phase is not Phase.VALIDATING and phase is not Phase.CREATED:
         await _phase_ended(lc, run)
     if phase is Phase.VALIDATED or phase in (Phase.TRAINING, Phase.SUCCEEDED):
-        await lc.transition(run, State.VALIDATED, remote_status=finetune.status, next_poll_at=None)
+        await lc.transition(
+            run,
+            State.VALIDATED,
+            remote_status=finetune.status,
+            next_poll_at=None,
+            intent=START_FINETUNE,
+        )
     elif not await _ended_badly(lc, run, finetune, phase, "validation"):
         await _schedule_poll(lc, run, finetune, lc.settings.poll.validation_deadline, "validation")
 
@@ -365,10 +383,13 @@ async def start_training(lc: Lifecycle, run: JobRun) -> None:
     """validated -> training. The one call that must never happen twice."""
     record = run.record
     assert record.finetune_id
-    if record.intent == START_FINETUNE and await _already_started(lc, run):
+    # An earlier attempt or process may have sent /start: look first.
+    sent_maybe = record.intent == START_FINETUNE and run.unsent_intent != START_FINETUNE
+    if sent_maybe and await _already_started(lc, run):
         return
     if record.intent != START_FINETUNE:
         await lc.persist(run, intent=START_FINETUNE)
+    run.unsent_intent = None
     now = time.time()  # before the call, as in start_validation
     try:
         await lc.client.start_finetune(record.finetune_id, run.spec.override_model)
