@@ -69,13 +69,19 @@ class PollTimer:
         self._order = itertools.count()  # ties never compare runs
         self._earliest = math.inf
         self._changed = anyio.Event()
+        self.sleeping: dict[str, JobRun] = {}  # by name: the runs waiting on this timer
 
     def wake_at(self, run: JobRun, due: float) -> None:
         """Wake ``run`` at wall-clock ``due``; an earlier ``wake_at`` for it no longer counts."""
         run.sleeping_until = due
+        self.sleeping[run.record.name] = run
         heapq.heappush(self._heap, (due, next(self._order), run, run.wake))
         if due < self._earliest:
             self._changed.set()
+
+    def woke(self, run: JobRun) -> None:
+        run.sleeping_until = None
+        self.sleeping.pop(run.record.name, None)
 
     async def serve(self) -> None:
         heap = self._heap
@@ -377,7 +383,7 @@ class Engine:
             try:
                 await run.wake.wait()
             finally:
-                run.sleeping_until = None
+                self.timer.woke(run)
             if self.stopping or run.cancel_requested:
                 return False
             run.wake = anyio.Event()
@@ -386,7 +392,7 @@ class Engine:
         # The sleepers of that state whose next poll moves get a new due time; none of
         # them wakes for it. The estimate creeps down a little with most jobs that
         # finish: the tolerance keeps the timer's heap from growing with each.
-        for run in self.runs.values():
+        for run in list(self.timer.sleeping.values()):
             if run.record.state is state and run.sleeping_until is not None:
                 due = lifecycle.poll_due(self.lc, run)
                 if due is None:

@@ -155,12 +155,21 @@ class Lifecycle:
     _content_locks: dict[str, anyio.Lock] = field(default_factory=dict)
 
     async def transition(
-        self, run: JobRun, new: State, detail: str | None = None, **changes: Any
+        self,
+        run: JobRun,
+        new: State,
+        detail: str | None = None,
+        *,
+        shares: SharedDataset | None = None,
+        **changes: Any,
     ) -> None:
+        """Move ``run`` to ``new`` once that is durable; ``shares`` is a dataset the job
+        has made reusable by later jobs, saved in the same commit."""
         old = run.record.state
         check_transition(old, new)
         record = run.record.evolve(state=new, **changes)
-        await self.store.save(record, Transition(record.name, old, new, record.updated_at, detail))
+        transition = Transition(record.name, old, new, record.updated_at, detail)
+        await self.store.save(record, transition, dataset=shares)
         run.record = record
         if "intent" in changes:
             run.unsent_intent = changes["intent"]
@@ -227,8 +236,13 @@ async def prepare_dataset(lc: Lifecycle, run: JobRun) -> None:
         s3_key = run.spec.s3_key or run.record.s3_key
         assert run.record.dataset_id is not None and s3_key is not None
         await lc.client.update_dataset(run.record.dataset_id, s3_key)
-        await lc.transition(run, State.DATASET_READY, s3_key=s3_key, intent=CREATE_FINETUNE)
-        await lc.store.remember_dataset(SharedDataset(key, run.record.dataset_id, s3_key))
+        await lc.transition(
+            run,
+            State.DATASET_READY,
+            shares=SharedDataset(key, run.record.dataset_id, s3_key),
+            s3_key=s3_key,
+            intent=CREATE_FINETUNE,
+        )
 
 
 async def _create_dataset(lc: Lifecycle, run: JobRun) -> None:

@@ -7,12 +7,11 @@ in one process never share counts.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
-from prometheus_client import Counter as PromCounter
+from prometheus_client.core import CounterMetricFamily
 
 from orchestrator.states import State
 
@@ -34,65 +33,78 @@ class UploadProgress:
         return (self.total - self.sent) / rate if rate > 0 else None
 
 
+@dataclass(frozen=True)
+class _CounterSpec:
+    name: str
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+_TRANSITIONS = _CounterSpec("orchestrator_transitions", "State transitions", ("old", "new"))
+_CALLS = _CounterSpec(
+    "orchestrator_gateway_calls", "Gateway HTTP attempts", ("endpoint", "status_class")
+)
+_RETRIES = _CounterSpec("orchestrator_gateway_retries", "Gateway retries", ("endpoint",))
+_POLLS = _CounterSpec("orchestrator_polls", "Status polls of finetunes")
+_UPLOAD_BYTES = _CounterSpec("orchestrator_upload_bytes", "Bytes uploaded to signed URLs")
+_UPLOAD_SECONDS = _CounterSpec("orchestrator_upload_seconds", "Seconds spent uploading")
+_UPLOADS = _CounterSpec("orchestrator_uploads", "Completed uploads")
+_COUNTERS = (_TRANSITIONS, _CALLS, _RETRIES, _POLLS, _UPLOAD_BYTES, _UPLOAD_SECONDS, _UPLOADS)
+
+
+class _Counts:
+    """Counters kept as plain numbers and turned into Prometheus families only when
+    scraped. prometheus_client's ``Counter.inc`` takes a lock and checks its labels on
+    every call; a batch counts ~20 events per job, all on the event loop's thread."""
+
+    def __init__(self) -> None:
+        self.values: dict[_CounterSpec, dict[tuple[str, ...], float]] = {
+            spec: {} if spec.labels else {(): 0.0} for spec in _COUNTERS
+        }
+
+    def add(self, spec: _CounterSpec, *labels: str, amount: float = 1.0) -> None:
+        series = self.values[spec]
+        series[labels] = series.get(labels, 0.0) + amount
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        for spec, series in self.values.items():
+            family = CounterMetricFamily(spec.name, spec.help, labels=spec.labels)
+            for labels, value in series.items():
+                family.add_metric(labels, value)
+            yield family
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.jobs = Gauge("orchestrator_jobs", "Jobs by state", ["state"], registry=r)
-        self.transitions = PromCounter(
-            "orchestrator_transitions", "State transitions", ["old", "new"], registry=r
-        )
-        self.calls = PromCounter(
-            "orchestrator_gateway_calls",
-            "Gateway HTTP attempts",
-            ["endpoint", "status_class"],
-            registry=r,
-        )
-        self.retries = PromCounter(
-            "orchestrator_gateway_retries", "Gateway retries", ["endpoint"], registry=r
-        )
-        self.polls = PromCounter("orchestrator_polls", "Status polls of finetunes", registry=r)
-        self.upload_bytes = PromCounter(
-            "orchestrator_upload_bytes", "Bytes uploaded to signed URLs", registry=r
-        )
-        self.upload_seconds = PromCounter(
-            "orchestrator_upload_seconds", "Seconds spent uploading", registry=r
-        )
-        self.uploads_total = PromCounter("orchestrator_uploads", "Completed uploads", registry=r)
         self.manifest_errors = Gauge(
             "orchestrator_manifest_errors", "Manifests that failed to load", registry=r
         )
+        self.counts = _Counts()
+        r.register(self.counts)
         self.uploads: dict[str, UploadProgress] = {}
-        self._children: dict[tuple[object, ...], Any] = {}
-
-    def _labelled(self, metric: PromCounter, *values: str) -> Any:
-        # labels() validates and locks on every call; a batch makes ~20 per job, over a
-        # few dozen distinct label sets.
-        key = (metric, *values)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*values)
-        return child
 
     # -- gateway client observer
     def gateway_call(self, endpoint: str, status: int | None, seconds: float) -> None:
         status_class = f"{status // 100}xx" if status else "transport_error"
-        self._labelled(self.calls, endpoint, status_class).inc()
+        self.counts.add(_CALLS, endpoint, status_class)
 
     def gateway_retry(self, endpoint: str) -> None:
-        self._labelled(self.retries, endpoint).inc()
+        self.counts.add(_RETRIES, endpoint)
 
     # -- lifecycle
     def transition(self, old: str, new: str) -> None:
-        self._labelled(self.transitions, old, new).inc()
+        self.counts.add(_TRANSITIONS, old, new)
 
     def polled(self) -> None:
-        self.polls.inc()
+        self.counts.add(_POLLS)
 
     def uploaded(self, size: int, seconds: float) -> None:
-        self.upload_bytes.inc(size)
-        self.upload_seconds.inc(seconds)
-        self.uploads_total.inc()
+        self.counts.add(_UPLOAD_BYTES, amount=size)
+        self.counts.add(_UPLOAD_SECONDS, amount=seconds)
+        self.counts.add(_UPLOADS)
 
     def upload_progress(self, name: str, total: int) -> Callable[[int], None]:
         progress = self.uploads[name] = UploadProgress(total=total, started=time.monotonic())

@@ -44,8 +44,15 @@ class SharedDataset:
 class CheckpointStore(Protocol):
     async def load(self, names: Iterable[str] | None = None) -> dict[str, JobRecord]: ...
 
-    async def save(self, record: JobRecord, transition: Transition | None = None) -> None:
-        """Returns once the record (and transition) are durable."""
+    async def save(
+        self,
+        record: JobRecord,
+        transition: Transition | None = None,
+        *,
+        dataset: SharedDataset | None = None,
+    ) -> None:
+        """Returns once the record, its transition and a dataset it made shareable are
+        durable, in one commit."""
 
     async def history(self, name: str) -> list[Transition]: ...
 
@@ -66,8 +73,6 @@ class CheckpointStore(Protocol):
         """True when the store can take a write right now."""
 
     async def find_dataset(self, content_key: str) -> SharedDataset | None: ...
-
-    async def remember_dataset(self, shared: SharedDataset) -> None: ...
 
 
 # ------------------------------------------------------------------ row mapping
@@ -218,13 +223,18 @@ class SqliteStore:
 
     # ------------------------------------------------------------------- writes
 
-    async def save(self, record: JobRecord, transition: Transition | None = None) -> None:
+    async def save(
+        self,
+        record: JobRecord,
+        transition: Transition | None = None,
+        *,
+        dataset: SharedDataset | None = None,
+    ) -> None:
+        if dataset is not None:
+            if self._datasets is not None:
+                self._datasets[dataset.content_key] = dataset
+            self._pending.append(dataset)  # goes out in the record's commit
         await self._commit((record, transition))
-
-    async def remember_dataset(self, shared: SharedDataset) -> None:
-        if self._datasets is not None:
-            self._datasets[shared.content_key] = shared
-        await self._commit(shared)
 
     async def _commit(self, item: _Write) -> None:
         self._pending.append(item)
@@ -416,11 +426,19 @@ class MemoryStore:
             return dict(self.jobs)
         return {n: self.jobs[n] for n in names if n in self.jobs}
 
-    async def save(self, record: JobRecord, transition: Transition | None = None) -> None:
+    async def save(
+        self,
+        record: JobRecord,
+        transition: Transition | None = None,
+        *,
+        dataset: SharedDataset | None = None,
+    ) -> None:
         await anyio.lowlevel.checkpoint()
         self.jobs[record.name] = record
         if transition is not None:
             self.transitions.append(transition)
+        if dataset is not None:
+            self.datasets[dataset.content_key] = dataset
 
     async def history(self, name: str) -> list[Transition]:
         return [t for t in self.transitions if t.name == name]
@@ -451,9 +469,6 @@ class MemoryStore:
 
     async def healthy(self) -> bool:
         return True
-
-    async def remember_dataset(self, shared: SharedDataset) -> None:
-        self.datasets[shared.content_key] = shared
 
 
 class OwnerLock:

@@ -47,7 +47,8 @@ async def test_cancel_requests_and_shared_datasets(store: CheckpointStore) -> No
     await store.clear_cancel("a")
     assert await store.cancel_requests() == {"b"}
     assert await store.find_dataset("k") is None
-    await store.remember_dataset(SharedDataset("k", "ds_9", "datasets/x.jsonl"))
+    record = JobRecord(name="a", fingerprint="f", state=State.DATASET_READY, dataset_id="ds_9")
+    await store.save(record, dataset=SharedDataset("k", "ds_9", "datasets/x.jsonl"))
     assert await store.find_dataset("k") == SharedDataset("k", "ds_9", "datasets/x.jsonl")
 
 
