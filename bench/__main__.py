@@ -31,6 +31,7 @@ TARGETS = [
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=3, help="cold lifecycle runs (median)")
     parser.add_argument("--upload-gib", type=float, default=1.0)
     parser.add_argument(
         "--only", choices=["checks", "uploads", "lifecycle", "store", "resume", "transports"]
@@ -43,7 +44,7 @@ def main() -> None:
         "store": lambda: store.run(),
         "transports": lambda: transports.run(),
         "resume": lambda: resume.run(),
-        "lifecycle": lambda: lifecycle.run(jobs=args.jobs),
+        "lifecycle": lambda: lifecycle.run(jobs=args.jobs, repeats=args.repeats),
         "uploads": lambda: uploads.run(size=int(args.upload_gib * 1024**3)),
     }
     for name, suite in suites.items():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 import yaml
@@ -47,8 +48,15 @@ def _manifest(folder: Path, count: int, prefix: str = "job") -> Path:
 
 
 def run(
-    jobs: int = 1000, latency: float = 0.02, validation: float = 5.0, training: float = 10.0
+    jobs: int = 1000,
+    latency: float = 0.02,
+    validation: float = 5.0,
+    training: float = 10.0,
+    repeats: int = 3,
 ) -> dict[str, Any]:
+    """The cold pair (1 job, then ``jobs`` jobs) ``repeats`` times, each on a fresh
+    simulator and state file: the figures are medians, with every run's CPU shown, since
+    this machine's speed drifts by 10% or more between runs. Then one warm batch."""
     results: dict[str, Any] = {}
     flags = [
         "--latency",
@@ -62,38 +70,49 @@ def run(
     ]
     with tempfile.TemporaryDirectory(prefix="bench-life-") as tmp:
         folder = Path(tmp)
-        runs = {}
-        for count in (1, jobs):
-            manifest = _manifest(folder / str(count), count)
-            with simulator(*flags) as sim:
-                measured = measure(
-                    cli("run", str(manifest), "--state", str(folder / f"state-{count}.db")),
-                    env=orchestrator_env(sim),
-                )
-                journal = sim.journal()
-            assert measured.code == 0, measured.stderr[-3000:]
-            requests = sum(journal["requests"].values()) + sum(journal["faults"].values())
-            runs[count] = (measured, journal["requests"].get("get_finetune", 0), requests)
-        one, many = runs[1][0], runs[jobs][0]
-        results["makespan_1_job_s"] = round(one.wall, 2)
-        results[f"makespan_{jobs}_jobs_s"] = round(many.wall, 2)
-        results["makespan_ratio"] = round(many.wall / one.wall, 3)
-        results["cpu_ms_per_job"] = round(1000 * many.cpu / jobs, 2)
+        manifests = {count: _manifest(folder / str(count), count) for count in (1, jobs)}
+        pairs = []
+        for repeat in range(repeats):
+            runs = {}
+            for count, manifest in manifests.items():
+                state = folder / f"state-{count}-{repeat}.db"
+                with simulator(*flags) as sim:
+                    measured = measure(
+                        cli("run", str(manifest), "--state", str(state)),
+                        env=orchestrator_env(sim),
+                    )
+                    journal = sim.journal()
+                assert measured.code == 0, measured.stderr[-3000:]
+                requests = sum(journal["requests"].values()) + sum(journal["faults"].values())
+                runs[count] = (measured, journal["requests"].get("get_finetune", 0), requests)
+            pairs.append(runs)
+        one = [pair[1][0] for pair in pairs]
+        many = [pair[jobs][0] for pair in pairs]
+        both = list(zip(one, many, strict=True))
+        results["makespan_1_job_s"] = round(median(m.wall for m in one), 2)
+        results[f"makespan_{jobs}_jobs_s"] = round(median(m.wall for m in many), 2)
+        results["makespan_ratio"] = round(median(b.wall / a.wall for a, b in both), 3)
+        results["cpu_ms_per_job"] = round(1000 * median(m.cpu for m in many) / jobs, 2)
+        results["cpu_ms_per_job_runs"] = " ".join(f"{1000 * m.cpu / jobs:.2f}" for m in many)
         # Without the fixed cost of a process (interpreter, imports), which the 1-job run
         # measures: what each further job costs.
-        results["cpu_ms_per_additional_job"] = round(1000 * (many.cpu - one.cpu) / (jobs - 1), 2)
-        results["cpu_s_1_job"] = round(one.cpu, 2)
-        gets = runs[jobs][1] / jobs
+        results["cpu_ms_per_additional_job"] = round(
+            1000 * median((b.cpu - a.cpu) / (jobs - 1) for a, b in both), 2
+        )
+        results["cpu_s_1_job"] = round(median(m.cpu for m in one), 2)
+        gets = median(pair[jobs][1] for pair in pairs) / jobs
         results["status_gets_per_job"] = round(gets, 2)
         results["polls_vs_minimum"] = round(gets / MINIMUM_GETS_PER_JOB, 2)
-        results["requests_per_cpu_second"] = round(runs[jobs][2] / many.cpu, 0)
-        results["orchestrator_peak_rss_mib"] = round(many.peak_rss_mib, 1)
+        results["requests_per_cpu_second"] = round(
+            median(pair[jobs][2] / pair[jobs][0].cpu for pair in pairs), 0
+        )
+        results["orchestrator_peak_rss_mib"] = round(max(m.peak_rss_mib for m in many), 1)
 
-        # The same batch again, on the state file that has learned the phase durations.
+        # The same batch again, on a state file that has learned the phase durations.
         manifest = _manifest(folder / "warm", jobs, prefix="warm")
         with simulator(*flags) as sim:
             warm = measure(
-                cli("run", str(manifest), "--state", str(folder / f"state-{jobs}.db")),
+                cli("run", str(manifest), "--state", str(folder / f"state-{jobs}-0.db")),
                 env=orchestrator_env(sim),
             )
             journal = sim.journal()

@@ -56,7 +56,8 @@ def run(jobs: int = 10_000) -> dict[str, Any]:
         anyio.run(_seed, state, manifest)
         started = time.time()
         process = subprocess.Popen(
-            cli("run", str(manifest), "--state", str(state), "--until", "submitted"),
+            # --verbose: the first resumed transition is a step between milestones.
+            cli("run", str(manifest), "--state", str(state), "--until", "submitted", "--verbose"),
             env=orchestrator_env(sim),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

@@ -49,6 +49,12 @@ state_option = click.option(
     show_default=True,
     help="SQLite state file (or ORCHESTRATOR_STATE).",
 )
+verbose_option = click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Log every transition (default: uploads, validation, training and the end).",
+)
 
 
 def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -139,10 +145,11 @@ def _run_async(fn: Callable[[], Awaitable[T]]) -> T:
     return anyio.run(fn, backend_options={"use_uvloop": uvloop})
 
 
-def _logging(redactor: Redactor, quiet: bool = False) -> None:
+def _logging(redactor: Redactor, quiet: bool = False, verbose: bool = False) -> None:
     import logging
 
-    configure_logging(redactor, level=logging.WARNING if quiet else logging.INFO)
+    level = logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO
+    configure_logging(redactor, level=level)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -173,6 +180,7 @@ def cli() -> None:
     help="Start NAME afresh although its spec changed (repeatable).",
 )
 @click.option("--live/--no-live", default=None, help="Live view (default: when a terminal).")
+@verbose_option
 @_settings_options
 def run(
     manifest_path: Path,
@@ -181,13 +189,14 @@ def run(
     retry_failed: bool,
     replace_names: tuple[str, ...],
     live: bool | None,
+    verbose: bool,
     **settings_kw: Any,
 ) -> None:
     """Advance every job of MANIFEST; a rerun resumes where the last one stopped."""
     settings = _settings(**settings_kw)
     show_live = sys.stderr.isatty() if live is None else live
     redactor = Redactor()
-    _logging(redactor, quiet=show_live)
+    _logging(redactor, quiet=show_live, verbose=verbose)
     code = _run_async(
         lambda: _run(
             manifest_path,
@@ -650,6 +659,7 @@ async def _cancel(
     show_default=True,
     help="Seconds in-flight steps get to finish on SIGTERM/SIGINT.",
 )
+@verbose_option
 @_settings_options
 def daemon(
     watch_dir: Path,
@@ -658,6 +668,7 @@ def daemon(
     rescan: float,
     force_polling: bool,
     shutdown_grace: float,
+    verbose: bool,
     **settings_kw: Any,
 ) -> None:
     """Watch a folder of manifests and drive their jobs until SIGTERM."""
@@ -668,7 +679,7 @@ def daemon(
         raise InputError(f"--watch {watch_dir}: not a folder")
     settings = replace(_settings(**settings_kw), shutdown_grace=shutdown_grace)
     redactor = Redactor()
-    configure_logging(redactor)
+    _logging(redactor, verbose=verbose)
     # Every manifest's key is registered as it loads; the environment's one now.
     redactor.add_secret(os.environ.get("PORTKEY_API_KEY"))
     lock = OwnerLock(state_path)

@@ -14,6 +14,7 @@ Rules every step keeps:
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 import time
 import zlib
@@ -42,6 +43,11 @@ CREATE_FINETUNE = "create_finetune"
 START_FINETUNE = "start_finetune"
 
 _job_log = structlog.get_logger("job")
+# Transitions logged at INFO: what a user follows. The steps between them are logged at
+# DEBUG (`--verbose`); every transition is in the state file's history either way.
+_MILESTONES = frozenset(
+    {State.VALIDATING, State.TRAINING, State.SUCCEEDED, State.FAILED, State.CANCELLED}
+)
 
 
 @dataclass
@@ -174,7 +180,9 @@ class Lifecycle:
         if "intent" in changes:
             run.unsent_intent = changes["intent"]
         self.metrics.transition(old.value, new.value)
-        run.log.info("transition", old=old.value, detail=detail)
+        level = logging.INFO if new in _MILESTONES or detail else logging.DEBUG
+        if _job_log.is_enabled_for(level):
+            run.log.log(level, "transition", old=old.value, detail=detail)
 
     async def persist(self, run: JobRun, **changes: Any) -> None:
         """A same-state update: an intent, a poll schedule, a remote status."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -206,3 +207,41 @@ def test_sim_stops_on_a_signal_and_removes_its_uploads(tmp_path: Path, signum: i
     process.send_signal(signum)
     assert process.wait(timeout=20) == 0
     assert list(data.iterdir()) == []
+
+
+def test_json_logs_show_milestones_and_verbose_shows_every_transition(
+    sim: SimulatorThread, tmp_path: Path
+) -> None:
+    data = write_dataset(tmp_path / "d.jsonl")
+    logged: dict[bool, list[str]] = {}
+    for verbose in (False, True):
+        manifest = write_manifest(
+            tmp_path / f"m{verbose}.yaml",
+            [{"name": f"job-{verbose}".lower(), "dataset": str(data)}],
+        )
+        out = run_cli(
+            "run",
+            str(manifest),
+            "--state",
+            str(tmp_path / f"s{verbose}.db"),
+            "--no-live",
+            *FAST_POLL,
+            *(["--verbose"] if verbose else []),
+            env=cli_env(sim),
+        )
+        assert out.returncode == 0, out.stderr
+        lines = [json.loads(line) for line in out.stderr.splitlines()]
+        logged[verbose] = [line["state"] for line in lines if line["event"] == "transition"]
+        assert any(line["event"] == "uploaded" for line in lines)
+    assert logged[False] == ["validating", "training", "succeeded"]
+    assert logged[True] == [
+        "dataset_created",
+        "uploaded",
+        "dataset_ready",
+        "finetune_created",
+        "dataset_attached",
+        "validating",
+        "validated",
+        "training",
+        "succeeded",
+    ]
