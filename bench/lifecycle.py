@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from bench.harness import cli, measure, orchestrator_env, simulator
+from bench.harness import Measured, cli, measure, orchestrator_env, simulator
 
 MINIMUM_GETS_PER_JOB = 2  # a perfect poller: one GET as validation ends, one as training ends
 
@@ -54,10 +54,10 @@ def run(
     training: float = 10.0,
     repeats: int = 3,
 ) -> dict[str, Any]:
-    """The cold pair (1 job, then ``jobs`` jobs) ``repeats`` times, each on a fresh
-    simulator and state file: the figures are medians, with every run's CPU shown, since
-    this machine's speed drifts by 10% or more between runs. Then a warm batch on each
-    of those state files."""
+    """``repeats`` times: 1 job, then ``jobs`` jobs, each on a fresh simulator and state
+    file, then ``jobs`` other jobs on that state file (warm: it knows the phase
+    durations). The figures are medians, with every run's CPU shown: this machine's speed
+    drifts by 10% or more between runs."""
     results: dict[str, Any] = {}
     flags = [
         "--latency",
@@ -72,61 +72,58 @@ def run(
     with tempfile.TemporaryDirectory(prefix="bench-life-") as tmp:
         folder = Path(tmp)
         manifests = {count: _manifest(folder / str(count), count) for count in (1, jobs)}
-        pairs = []
+        warm_manifest = _manifest(folder / "warm", jobs, prefix="warm")
+
+        def measured_run(manifest: Path, state: Path) -> tuple[Measured, dict[str, Any]]:
+            with simulator(*flags) as sim:
+                measured = measure(
+                    cli("run", str(manifest), "--state", str(state)), env=orchestrator_env(sim)
+                )
+                journal = sim.journal()
+            assert measured.code == 0, measured.stderr[-3000:]
+            return measured, journal
+
+        one: list[Measured] = []
+        many: list[Measured] = []
+        warm: list[Measured] = []
+        gets, warm_gets, requests = [], [], []
+        # Interleaved, so a drift of the machine's speed touches every kind of run alike.
         for repeat in range(repeats):
-            runs = {}
-            for count, manifest in manifests.items():
-                state = folder / f"state-{count}-{repeat}.db"
-                with simulator(*flags) as sim:
-                    measured = measure(
-                        cli("run", str(manifest), "--state", str(state)),
-                        env=orchestrator_env(sim),
-                    )
-                    journal = sim.journal()
-                assert measured.code == 0, measured.stderr[-3000:]
-                requests = sum(journal["requests"].values()) + sum(journal["faults"].values())
-                runs[count] = (measured, journal["requests"].get("get_finetune", 0), requests)
-            pairs.append(runs)
-        one = [pair[1][0] for pair in pairs]
-        many = [pair[jobs][0] for pair in pairs]
+            state = folder / f"state-{repeat}.db"
+            one.append(measured_run(manifests[1], folder / f"state-1-{repeat}.db")[0])
+            measured, journal = measured_run(manifests[jobs], state)
+            many.append(measured)
+            gets.append(journal["requests"].get("get_finetune", 0))
+            requests.append(sum(journal["requests"].values()) + sum(journal["faults"].values()))
+            # The same batch again on that state file, which has learned the phase durations.
+            measured, journal = measured_run(warm_manifest, state)
+            warm.append(measured)
+            warm_gets.append(journal["requests"].get("get_finetune", 0))
+
+        def runs(measured: list[Measured]) -> str:
+            return " ".join(f"{1000 * m.cpu / jobs:.2f}" for m in measured)
+
         both = list(zip(one, many, strict=True))
         results["makespan_1_job_s"] = round(median(m.wall for m in one), 2)
         results[f"makespan_{jobs}_jobs_s"] = round(median(m.wall for m in many), 2)
         results["makespan_ratio"] = round(median(b.wall / a.wall for a, b in both), 3)
         results["cpu_ms_per_job"] = round(1000 * median(m.cpu for m in many) / jobs, 2)
-        results["cpu_ms_per_job_runs"] = " ".join(f"{1000 * m.cpu / jobs:.2f}" for m in many)
+        results["cpu_ms_per_job_runs"] = runs(many)
         # Without the fixed cost of a process (interpreter, imports), which the 1-job run
         # measures: what each further job costs.
         results["cpu_ms_per_additional_job"] = round(
             1000 * median((b.cpu - a.cpu) / (jobs - 1) for a, b in both), 2
         )
         results["cpu_s_1_job"] = round(median(m.cpu for m in one), 2)
-        gets = median(pair[jobs][1] for pair in pairs) / jobs
-        results["status_gets_per_job"] = round(gets, 2)
-        results["polls_vs_minimum"] = round(gets / MINIMUM_GETS_PER_JOB, 2)
+        results["status_gets_per_job"] = round(median(gets) / jobs, 2)
+        results["polls_vs_minimum"] = round(median(gets) / jobs / MINIMUM_GETS_PER_JOB, 2)
         results["requests_per_cpu_second"] = round(
-            median(pair[jobs][2] / pair[jobs][0].cpu for pair in pairs), 0
+            median(r / m.cpu for r, m in zip(requests, many, strict=True)), 0
         )
         results["orchestrator_peak_rss_mib"] = round(max(m.peak_rss_mib for m in many), 1)
-
-        # The same batch again on each state file, which has learned the phase durations.
-        manifest = _manifest(folder / "warm", jobs, prefix="warm")
-        warm_runs = []
-        for repeat in range(repeats):
-            with simulator(*flags) as sim:
-                warm = measure(
-                    cli("run", str(manifest), "--state", str(folder / f"state-{jobs}-{repeat}.db")),
-                    env=orchestrator_env(sim),
-                )
-                journal = sim.journal()
-            assert warm.code == 0, warm.stderr[-3000:]
-            warm_runs.append((warm, journal["requests"].get("get_finetune", 0)))
-        warm_gets = median(gets for _, gets in warm_runs) / jobs
-        results[f"makespan_{jobs}_jobs_warm_s"] = round(median(m.wall for m, _ in warm_runs), 2)
-        results["status_gets_per_job_warm"] = round(warm_gets, 2)
-        results["polls_vs_minimum_warm"] = round(warm_gets / MINIMUM_GETS_PER_JOB, 2)
-        results["cpu_ms_per_job_warm"] = round(1000 * median(m.cpu for m, _ in warm_runs) / jobs, 2)
-        results["cpu_ms_per_job_warm_runs"] = " ".join(
-            f"{1000 * m.cpu / jobs:.2f}" for m, _ in warm_runs
-        )
+        results[f"makespan_{jobs}_jobs_warm_s"] = round(median(m.wall for m in warm), 2)
+        results["status_gets_per_job_warm"] = round(median(warm_gets) / jobs, 2)
+        results["polls_vs_minimum_warm"] = round(median(warm_gets) / jobs / MINIMUM_GETS_PER_JOB, 2)
+        results["cpu_ms_per_job_warm"] = round(1000 * median(m.cpu for m in warm) / jobs, 2)
+        results["cpu_ms_per_job_warm_runs"] = runs(warm)
     return results
