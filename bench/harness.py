@@ -67,6 +67,17 @@ print(json.dumps({"code": done.returncode, "wall": wall, "cpu": usage.ru_utime +
 """
 
 
+def reference_cpu_s() -> float:
+    """CPU seconds of a fixed interpreter workload (dicts, f-strings, JSON). Read beside
+    a CPU figure measured at the same moment, it shows how fast the machine was then:
+    this machine's speed drifts by 10-30% over an hour."""
+    started = time.process_time()
+    for i in range(40_000):
+        record = {"name": f"job-{i:05d}", "state": "training", "attempt": i, "ids": [i, -i]}
+        json.loads(json.dumps(record))
+    return time.process_time() - started
+
+
 def measure(args: list[str], env: dict[str, str] | None = None) -> Measured:
     """Run ``args`` as the only child of a small wrapper, so its rusage is its own."""
     out = subprocess.run(

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from bench.harness import Measured, cli, measure, orchestrator_env, simulator
+from bench.harness import Measured, cli, measure, orchestrator_env, reference_cpu_s, simulator
 
 MINIMUM_GETS_PER_JOB = 2  # a perfect poller: one GET as validation ends, one as training ends
 
@@ -87,9 +87,11 @@ def run(
         many: list[Measured] = []
         warm: list[Measured] = []
         gets, warm_gets, requests = [], [], []
+        references: list[float] = []
         # Interleaved, so a drift of the machine's speed touches every kind of run alike.
         for repeat in range(repeats):
             state = folder / f"state-{repeat}.db"
+            references.append(reference_cpu_s())
             one.append(measured_run(manifests[1], folder / f"state-1-{repeat}.db")[0])
             measured, journal = measured_run(manifests[jobs], state)
             many.append(measured)
@@ -126,4 +128,5 @@ def run(
         results["polls_vs_minimum_warm"] = round(median(warm_gets) / jobs / MINIMUM_GETS_PER_JOB, 2)
         results["cpu_ms_per_job_warm"] = round(1000 * median(m.cpu for m in warm) / jobs, 2)
         results["cpu_ms_per_job_warm_runs"] = runs(warm)
+        results["reference_cpu_ms_runs"] = " ".join(f"{1000 * r:.0f}" for r in references)
     return results
