@@ -15,6 +15,7 @@ import anyio
 import yaml
 
 from bench.harness import cli, orchestrator_env, simulator
+from orchestrator.lifecycle import CREATE_FINETUNE
 from orchestrator.manifest import load_manifest
 from orchestrator.states import JobRecord, State, Transition
 from orchestrator.store import SqliteStore
@@ -28,6 +29,7 @@ async def _seed(state: Path, manifest: Path) -> None:
                 name=job.name,
                 fingerprint=job.fingerprint(None),
                 state=State.DATASET_READY,
+                intent=CREATE_FINETUNE,  # as this version saves a job that reached it
                 manifest=str(manifest),
                 dataset_id=f"ds_{job.name}",
                 s3_key=job.s3_key,
