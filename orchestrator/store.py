@@ -79,7 +79,6 @@ class CheckpointStore(Protocol):
 # ------------------------------------------------------------------ row mapping
 
 _FIELDS = [f.name for f in fields(JobRecord)]
-_TUPLE_FIELDS = {"abandoned_datasets"}
 _VALUES = operator.attrgetter(*_FIELDS)
 _STATE_AT = _FIELDS.index("state")
 _ABANDONED_AT = _FIELDS.index("abandoned_datasets")
@@ -97,9 +96,8 @@ def _to_row(record: JobRecord) -> tuple[Any, ...]:
 def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
     values = dict(zip(_FIELDS, row, strict=True))
     values["state"] = State(values["state"])
-    for name in _TUPLE_FIELDS:
-        raw = values[name]
-        values[name] = tuple(json.loads(raw)) if raw and raw != "[]" else ()
+    raw = values["abandoned_datasets"]  # the one field stored as JSON
+    values["abandoned_datasets"] = tuple(json.loads(raw)) if raw and raw != "[]" else ()
     return JobRecord.from_fields(values)
 
 
