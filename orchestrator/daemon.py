@@ -159,7 +159,7 @@ class Daemon:
                     manifest=str(path),
                     jobs=len(entry.jobs),
                 )
-            self.metrics.manifest_errors.set(sum(1 for m in self.manifests.values() if m.error))
+            self.metrics.manifest_errors = sum(1 for m in self.manifests.values() if m.error)
 
     async def _load(self, entry: ManifestFile) -> None:
         try:

@@ -12,12 +12,14 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
-import tenacity
 
 from orchestrator.errors import RetryableError
+
+if TYPE_CHECKING:
+    import tenacity
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class RetryPolicy:
     ) -> dict[str, Any]:
         """Arguments for ``tenacity.AsyncRetrying`` that follow this policy, counting
         ``attempts_made`` before tenacity took over."""
+        import tenacity  # here: a run whose calls all succeed at once never needs it
 
         def wait(state: tenacity.RetryCallState) -> float:
             exc = state.outcome.exception() if state.outcome else None
@@ -92,6 +95,8 @@ async def call_with_retries(
         if on_retry:
             on_retry()
         await anyio.sleep(policy.delay(1, exc.retry_after, rng))
+
+    import tenacity  # here, not at start: most runs never retry a call
 
     def before_sleep(_: tenacity.RetryCallState) -> None:
         if on_retry:

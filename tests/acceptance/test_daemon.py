@@ -198,6 +198,7 @@ def test_metrics_bad_manifests_second_daemon_and_cancel(
     families = {f.name: f for f in text_string_to_metric_families(text)}
     training = [s for s in families["orchestrator_jobs"].samples if s.labels["state"] == "training"]
     assert training[0].value == 2
+    assert families["orchestrator_manifest_errors"].samples[0].value == 1  # broken.yaml
     for name in (
         "orchestrator_transitions",
         "orchestrator_gateway_calls",
