@@ -1,3 +1,19 @@
-from orchestrator.cli import main
+"""The ``orchestrator`` command, also run as ``python -m orchestrator``.
 
-main()
+The cyclic garbage collector is off while the CLI's ~450 modules import: they build
+few cycles, and a collection every 700 allocations cost ~8% of every command's start.
+``cli.main`` then freezes what was imported and turns collection back on, less often.
+"""
+
+import gc
+
+
+def main() -> None:
+    gc.disable()
+    from orchestrator.cli import main as cli_main
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()
