@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.engine import Engine
 from orchestrator.states import State
+
+if TYPE_CHECKING:
+    from orchestrator.engine import Engine
 
 
 def _size(n: float) -> str:
