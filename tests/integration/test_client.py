@@ -126,6 +126,10 @@ async def test_not_found_and_bad_request(client_for: ClientFactory, sim: Simulat
         with pytest.raises(NotFoundError) as missing:
             await client.get_finetune("ft_missing")
         assert missing.value.status == 404 and "ft_missing" in missing.value.message
+        # An id that needs quoting goes out as one path segment, never as a path.
+        with pytest.raises(NotFoundError) as odd:
+            await client.get_finetune("ft x/../y")
+        assert "ft x/../y" in odd.value.message
         with pytest.raises(NotFoundError):
             await client.get_dataset("ds_missing")
         finetune = await client.create_finetune("job-c", "vk", "openai", "gpt-4o-mini", {})
