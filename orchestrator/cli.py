@@ -11,9 +11,8 @@ import gc
 import importlib.util
 import json
 import os
-import signal
 import sys
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import fields, replace
 from functools import partial
 from pathlib import Path
@@ -21,9 +20,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import click
-import structlog
 
-from orchestrator.errors import ConflictError, GatewayError, InputError, OrchestratorError
+from orchestrator.errors import InputError, OrchestratorError
 from orchestrator.logs import Redactor, configure_logging
 from orchestrator.metrics import Metrics
 from orchestrator.settings import (
@@ -34,13 +32,13 @@ from orchestrator.settings import (
     PollSettings,
     UploadSettings,
 )
-from orchestrator.states import JobRecord, State, Transition
+from orchestrator.states import JobRecord, Transition
 from orchestrator.store import OwnerLock, SqliteStore
 
 if TYPE_CHECKING:
-    from orchestrator.engine import Engine, RunSummary
     from orchestrator.manifest import Manifest
     from orchestrator.plan import PlannedJob
+    from orchestrator.runner import BatchResult
 
 DEFAULT_STATE = Path(".orchestrator") / "state.db"
 T = TypeVar("T")
@@ -200,24 +198,16 @@ def run(
     """Advance every job of MANIFEST; a rerun resumes where the last one stopped."""
     settings = _settings(**settings_kw)
     show_live = sys.stderr.isatty() if live is None else live
-    redactor = Redactor()
+    redactor = _redactor()
     _logging(redactor, quiet=show_live, verbose=verbose)
-    code = _run_async(
-        lambda: _run(
-            manifest_path,
-            state_path,
-            until,
-            retry_failed,
-            replace_names,
-            settings,
-            show_live,
-            redactor,
+    sys.exit(
+        _run_and_report(
+            manifest_path, state_path, until, retry_failed, replace_names, settings, show_live
         )
     )
-    sys.exit(code)
 
 
-async def _run(
+def _run_and_report(
     manifest_path: Path,
     state_path: Path,
     until: str,
@@ -225,71 +215,30 @@ async def _run(
     replace_names: Sequence[str],
     settings: EngineSettings,
     live: bool,
-    redactor: Redactor,
 ) -> int:
-    from orchestrator.manifest import load_manifest
-    from orchestrator.plan import inspect_datasets, plan_in_chunks
-    from orchestrator.runner import gateway_of, open_engine, preflight
+    """``run_manifest``, its summary printed; the exit code."""
+    from orchestrator.runner import run_manifest
 
-    manifest = load_manifest(manifest_path)
-    redactor.add_secret(manifest.api_key)
-    gateway_of(manifest)
-    unknown = set(replace_names) - {j.name for j in manifest.jobs}
-    if unknown:
-        raise InputError(f"--replace {sorted(unknown)[0]}: no such job in {manifest_path}")
-    reports = await inspect_datasets(manifest.jobs, settings.check)
-    log = structlog.get_logger("datasets")
-    for report in reports.values():
-        for warning in report.warnings[:5]:
-            log.warning("dataset warning", warning=warning)
-    lock = OwnerLock(state_path)
-    lock.acquire()
-    planned: list[PlannedJob] = []  # every plan, as the engine takes it
-    store: SqliteStore | None = None
-    try:
-        if await anyio.Path(state_path).exists():
-            store = SqliteStore(state_path)  # a new one is created only after the preflight
-        chunks = plan_in_chunks(
-            manifest.jobs,
-            reports,
-            store.load if store else _no_records,
+    redactor = _redactor()
+    result = _run_async(
+        lambda: run_manifest(
+            manifest_path,
+            state_path,
+            until=until,
             retry_failed=retry_failed,
             replace=replace_names,
+            settings=settings,
+            redactor=redactor,
+            live=live,
         )
-        # Plan until a job needs the gateway: then one preflight, before anything is
-        # stored (a bad URL or key stores nothing, not even a new state file).
-        ahead: list[list[PlannedJob]] = []
-        async for chunk in chunks:
-            ahead.append(chunk)
-            if any(p.action.calls_gateway for p in chunk):
-                await preflight(manifest, settings)
-                break
-
-        async def every_chunk() -> AsyncIterator[list[PlannedJob]]:
-            for chunk in ahead:
-                planned.extend(chunk)
-                yield chunk
-            async for chunk in chunks:
-                planned.extend(chunk)
-                yield chunk
-
-        store = store or SqliteStore(state_path)
-        async with open_engine(
-            manifest, store, settings, Metrics(), until=until, preflight=False
-        ) as engine:
-            summary = await _drive(engine, every_chunk(), settings.shutdown_grace, live)
-    finally:
-        if store is not None:
-            store.close()
-        lock.release()
-    _print_summary(summary, planned)
+    )
+    _print_summary(result, redactor)
+    summary = result.summary
     if summary.fatal:
         raise InputError(summary.fatal)
+    if summary.broken:
+        click.echo(f"error: {redactor.text(summary.broken)}", err=True)
     return summary.exit_code(until)
-
-
-async def _no_records(names: list[str]) -> dict[str, JobRecord]:
-    return {}
 
 
 async def _load_records(state_path: Path, names: Sequence[str]) -> dict[str, JobRecord]:
@@ -303,67 +252,30 @@ async def _load_records(state_path: Path, names: Sequence[str]) -> dict[str, Job
         store.close()
 
 
-async def _drive(
-    engine: Engine, planned: AsyncIterable[list[PlannedJob]], grace: float, live: bool
-) -> RunSummary:
-    """Run the batch; the first SIGINT/SIGTERM stops new steps, a second (or the grace
-    period running out) cancels what is still in flight."""
-    from orchestrator.engine import RunSummary
-
-    result: list[RunSummary] = []
-
-    async def batch(scope: anyio.CancelScope) -> None:
-        result.append(await engine.run_batch(planned))
-        scope.cancel()
-
-    async def signals(scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
-            async for _ in received:
-                if engine.stopping:
-                    scope.cancel()
-                    return
-                structlog.get_logger("engine").warning("stopping; finishing calls in flight")
-                engine.stop()
-                scope.deadline = anyio.current_time() + grace
-
-    async def body() -> None:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(batch, tg.cancel_scope)
-            tg.start_soon(signals, tg.cancel_scope)
-
-    if live:
-        from rich.console import Console
-        from rich.live import Live
-
-        from orchestrator.view import live_renderable
-
-        with Live(
-            get_renderable=lambda: live_renderable(engine),
-            console=Console(stderr=True),
-            refresh_per_second=4,
-            transient=False,
-        ):
-            await body()
-    else:
-        await body()
-    if result:
-        return result[0]
-    summary = RunSummary(interrupted=True, fatal=engine.fatal)
-    summary.states = {name: run.record.state for name, run in engine.runs.items()}
-    return summary
+SHOWN_FAILURES = 5  # failed jobs listed with their reasons under run's summary
 
 
-def _print_summary(summary: RunSummary, planned: list[PlannedJob]) -> None:
+def _print_summary(result: BatchResult, redactor: Redactor) -> None:
     from orchestrator.plan import Action
 
+    summary = result.summary
     counts = summary.counts()
     line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-    click.echo(f"{len(summary.states)} jobs: {line or 'none'}")
-    for plan in planned:
+    click.echo(f"{_plural(len(summary.states), 'job')}: {line or 'none'}")
+    for plan in result.planned:
         if plan.action is Action.CHANGED:
             click.echo(f"  {plan.spec.name}: {plan.describe()}")
+    failed = sorted(summary.errors.items())
+    for name, error in failed[:SHOWN_FAILURES]:
+        click.echo(f"  {name} failed: {redactor.text(error)}")
+    if len(failed) > SHOWN_FAILURES:
+        click.echo(f"  ... and {len(failed) - SHOWN_FAILURES} more failed (see `status`)")
     if summary.interrupted:
         click.echo("interrupted: run the same command again to resume", err=True)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 # ----------------------------------------------------------------------- plan
@@ -452,7 +364,7 @@ def validate(manifest_path: Path, min_examples: int) -> None:
 @click.argument("names", nargs=-1)
 def status(state_path: Path, as_json: bool, history: bool, names: tuple[str, ...]) -> None:
     """Show jobs from the state file (works beside a running engine)."""
-    from orchestrator.view import text_table
+    from orchestrator.view import text_table, unknown_status_note
 
     if not state_path.exists():
         raise InputError(f"{state_path}: no state file (run a manifest first, or pass --state)")
@@ -468,36 +380,39 @@ def status(state_path: Path, as_json: bool, history: bool, names: tuple[str, ...
 
     records, histories = _run_async(go)
     missing = [n for n in names if n not in {r.name for r in records}]
+    if missing:
+        raise InputError(f"no such job in {state_path}: {', '.join(missing)}")
+    redact = _redactor().text
     if as_json:
-        click.echo(json.dumps([r.public() for r in records], indent=2))
-    else:
-        headers = ["job", "state", "remote status", "dataset", "finetune", "model / error"]
-        abandoned = any(r.abandoned_datasets for r in records)
-        if abandoned:  # datasets left behind by expired URLs or restarts
-            headers.append("abandoned datasets")
-        rows = []
-        for r in records:
-            row = [
-                r.name,
-                r.state.value,
-                r.remote_status,
-                r.dataset_id,
-                r.finetune_id,
-                r.fine_tuned_model or r.error,
-            ]
-            if abandoned:
-                row.append(", ".join(r.abandoned_datasets) or None)
-            rows.append(row)
-        click.echo(text_table(headers, rows))
-        for name, transitions in histories.items():
-            click.echo(f"\n{name}:")
-            for t in transitions:
-                click.echo(
+        click.echo(redact(json.dumps([r.public() for r in records], indent=2)))
+        return
+    headers = ["job", "state", "remote status", "dataset", "finetune", "model / error"]
+    abandoned = any(r.abandoned_datasets or r.abandoned_finetunes for r in records)
+    if abandoned:  # left behind by expired URLs, restarts, retries and replaces
+        headers.append("abandoned")
+    rows = []
+    for r in records:
+        remote = f"{r.remote_status} (unknown)" if r.unknown_status_since else r.remote_status
+        row = [r.name, r.state.value, remote, r.dataset_id, r.finetune_id]
+        row.append(r.fine_tuned_model or r.error)
+        if abandoned:
+            row.append(", ".join((*r.abandoned_datasets, *r.abandoned_finetunes)) or None)
+        rows.append(row)
+    click.echo(redact(text_table(headers, rows)))
+    notes = [note for r in records if (note := unknown_status_note(r))]
+    if notes:
+        click.echo("\nunknown gateway statuses (the job keeps polling until its deadline):")
+        for note in notes:
+            click.echo(redact(f"  {note}"))
+    for name, transitions in histories.items():
+        click.echo(f"\n{name}:")
+        for t in transitions:
+            click.echo(
+                redact(
                     f"  {_iso(t.at)}  {t.old.value if t.old else '-'} -> {t.new.value}"
                     + (f"  ({t.detail})" if t.detail else "")
                 )
-    if missing:
-        raise InputError(f"no such job in {state_path}: {', '.join(missing)}")
+            )
 
 
 def _iso(ts: float) -> str:
@@ -535,113 +450,31 @@ def cancel(
 ) -> None:
     """Cancel jobs on the gateway and in the state file, with or without a running engine.
 
-    The API key comes from --manifest, else PORTKEY_API_KEY; it is never stored."""
+    The API key comes from --manifest, else PORTKEY_API_KEY, else the manifest each job
+    was recorded from; it is never stored."""
+    from orchestrator.runner import cancel_jobs
+
     if bool(names) == cancel_all:
         raise click.UsageError("name the jobs to cancel, or pass --all")
     if not state_path.exists():
         raise InputError(f"{state_path}: no state file")
-    redactor = Redactor()
+    redactor = _redactor()
     _logging(redactor, quiet=True)
-    api_key, base_override = os.environ.get("PORTKEY_API_KEY"), os.environ.get("PORTKEY_BASE_URL")
-    if manifest_path is not None:
-        from orchestrator.manifest import load_manifest
-
-        manifest = load_manifest(manifest_path)
-        api_key, base_override = manifest.api_key or api_key, manifest.base_url or base_override
-    redactor.add_secret(api_key)
-    code = _run_async(lambda: _cancel(state_path, names, cancel_all, api_key, base_override, wait))
-    sys.exit(code)
-
-
-async def _cancel(
-    state_path: Path,
-    names: Sequence[str],
-    cancel_all: bool,
-    api_key: str | None,
-    base_override: str | None,
-    wait: float,
-) -> int:
-    from orchestrator.gateway import GatewayClient
-
-    store = SqliteStore(state_path)
-    try:
-        records = await store.load(None if cancel_all else names)
-        for name in names:
-            if name not in records:
-                raise InputError(f"no such job in {state_path}: {name}")
-        targets = []
-        for record in sorted(records.values(), key=lambda r: r.name):
-            if record.state.terminal:
-                if not cancel_all:
-                    click.echo(f"{record.name}: already {record.state.value}; nothing to cancel")
-                continue
-            targets.append(record)
-        if not targets:
-            return 0
-        remote = [r for r in targets if r.finetune_id]
-        if remote and not api_key:
-            raise InputError("cancel needs the API key: set PORTKEY_API_KEY or pass --manifest")
-        await store.request_cancel(r.name for r in targets)
-        refused: set[str] = set()  # already finished on the gateway (409)
-        by_gateway: dict[str, list[JobRecord]] = {}
-        for record in remote:
-            by_gateway.setdefault(base_override or record.base_url, []).append(record)
-        for base_url, records_there in by_gateway.items():
-            assert api_key is not None
-            async with GatewayClient(base_url, api_key) as client:
-                for record in records_there:
-                    assert record.finetune_id is not None
-                    try:
-                        await client.cancel_finetune(record.finetune_id)
-                    except ConflictError as exc:
-                        refused.add(record.name)
-                        click.echo(f"{record.name}: the gateway says {exc.message}")
-                    except GatewayError as exc:
-                        raise InputError(
-                            f"cannot cancel {record.name} on {base_url}: {exc}"
-                        ) from None
-        lock = OwnerLock(state_path)
-        if not lock.held_by_other():
-            lock.acquire()  # no engine: record the cancel ourselves
-            try:
-                fresh = await store.load([r.name for r in targets])
-                for record in fresh.values():
-                    # A finetune the gateway says has finished is not marked cancelled:
-                    # the next `run` observes and records how it really ended.
-                    if not record.state.terminal and record.name not in refused:
-                        done = record.evolve(state=State.CANCELLED, intent=None, next_poll_at=None)
-                        await store.save(
-                            done,
-                            Transition(
-                                record.name,
-                                record.state,
-                                State.CANCELLED,
-                                done.updated_at,
-                                "cancelled from the CLI",
-                            ),
-                        )
-                    await store.clear_cancel(record.name)
-            finally:
-                lock.release()
-        else:
-            with anyio.move_on_after(wait):
-                while True:
-                    fresh = await store.load([r.name for r in targets])
-                    if all(r.state.terminal for r in fresh.values()):
-                        break
-                    await anyio.sleep(0.2)
-        final = await store.load([r.name for r in targets])
-        for record in sorted(final.values(), key=lambda r: r.name):
-            if record.state.terminal:
-                note = ""
-            elif record.name in refused:
-                note = " (already finished on the gateway; the next run records how)"
-            else:
-                note = " (requested; the running engine applies it)"
-            click.echo(f"{record.name}: {record.state.value}{note}")
-        return 0
-    finally:
-        store.close()
+    outcomes = _run_async(
+        lambda: cancel_jobs(
+            state_path,
+            names,
+            cancel_all=cancel_all,
+            manifest_path=manifest_path,
+            settings=EngineSettings(),
+            redactor=redactor,
+            wait=wait,
+        )
+    )
+    if not outcomes:
+        click.echo("nothing to cancel: every job has ended")
+    for outcome in outcomes:
+        click.echo(redactor.text(f"{outcome.name}: {outcome.message}"))
 
 
 # --------------------------------------------------------------------- daemon
@@ -696,7 +529,7 @@ def daemon(
     if not watch_dir.is_dir():
         raise InputError(f"--watch {watch_dir}: not a folder")
     settings = replace(_settings(**settings_kw), shutdown_grace=shutdown_grace)
-    redactor = Redactor()
+    redactor = _redactor()
     _logging(redactor, verbose=verbose)
     # Every manifest's key is registered as it loads; the environment's one now.
     redactor.add_secret(os.environ.get("PORTKEY_API_KEY"))
@@ -797,13 +630,11 @@ def demo(manifest_path: Path | None) -> None:
         state = Path(tmp) / "state.db"
         click.echo(f"simulator on {simulator.url}; running {manifest_path}\n")
         settings = _settings(4, 64, 0.5, 2.0, 10)
-        redactor = Redactor()
+        redactor = _redactor()
         redactor.add_secret(config.api_key)
         live = sys.stderr.isatty()
         _logging(redactor, quiet=live)
-        code = _run_async(
-            lambda: _run(manifest_path, state, "done", False, (), settings, live, redactor)
-        )
+        code = _run_and_report(manifest_path, state, "done", False, (), settings, live)
         click.echo("")
         ctx = click.get_current_context()
         ctx.invoke(status, state_path=state, as_json=False, history=False, names=())
@@ -829,10 +660,38 @@ def _tune_gc() -> None:
     gc.enable()
 
 
+def _redactor() -> Redactor:
+    """The process's one redactor, made by ``main`` (a fresh one outside it)."""
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    return obj if isinstance(obj, Redactor) else Redactor()
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    """Every way out is one line and an exit code: 2 for bad input (nothing was done),
+    1 for a failure mid-run, 130 for an interrupt. Never a traceback for any of them."""
     _tune_gc()
+    redactor = Redactor()
     try:
-        cli.main(args=argv, prog_name="orchestrator", standalone_mode=False)
+        try:
+            cli.main(args=argv, prog_name="orchestrator", standalone_mode=False, obj=redactor)
+        except BaseExceptionGroup as group:  # from task groups: report its first cause
+            leaves = _leaves(group)
+            known = [e for e in leaves if isinstance(e, OrchestratorError | OSError)]
+            if known:
+                raise known[0] from None
+            if all(
+                isinstance(e, KeyboardInterrupt | anyio.get_cancelled_exc_class()) for e in leaves
+            ):
+                raise KeyboardInterrupt from None
+            raise
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -840,7 +699,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         exc.show()
         sys.exit(2)
     except OrchestratorError as exc:
-        click.echo(f"error: {Redactor().text(str(exc))}", err=True)
+        click.echo(f"error: {redactor.text(str(exc))}", err=True)
         sys.exit(2)
+    except OSError as exc:  # a file or the disk failed where no step expected it
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"error: {redactor.text(where + (exc.strerror or str(exc)))}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
         sys.exit(130)

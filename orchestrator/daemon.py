@@ -5,6 +5,11 @@ Editing a manifest admits its new (or retried) jobs; jobs already being driven c
 Removing a manifest does not cancel its jobs: those already admitted are followed to
 their end, and nothing new starts from that file. ``orchestrator cancel`` against the
 same state file cancels jobs while the daemon runs (the store is the control plane).
+
+It is built to run for weeks: a finished job leaves nothing in memory, every file
+system access (listing, stat, reading and parsing manifests) runs in a worker thread,
+and one manifest's trouble (a parse error, a file deleted while read) is reported on
+that manifest and never stops the watching.
 """
 
 from __future__ import annotations
@@ -12,12 +17,15 @@ from __future__ import annotations
 import json
 import signal
 import time
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import structlog
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -28,7 +36,7 @@ from orchestrator.logs import Redactor
 from orchestrator.manifest import Manifest, load_manifest
 from orchestrator.metrics import Metrics
 from orchestrator.plan import inspect_datasets, plan_jobs
-from orchestrator.runner import gateway_of, open_engine
+from orchestrator.runner import Gateway, gateway_of, open_engine
 from orchestrator.settings import EngineSettings
 from orchestrator.store import SqliteStore
 
@@ -55,13 +63,13 @@ class Daemon:
     force_polling: bool = False
     redactor: Redactor | None = None
     manifests: dict[Path, ManifestFile] = field(default_factory=dict)
-    engines: dict[tuple[str, str], Engine] = field(default_factory=dict)
+    engines: dict[Gateway, Engine] = field(default_factory=dict)
     owners: dict[str, Path] = field(default_factory=dict)  # job name -> manifest that owns it
     stopping: bool = False
     heartbeat: float = field(default_factory=time.monotonic)
     url: str = ""
     _tg: anyio.abc.TaskGroup | None = None
-    _engine_groups: dict[tuple[str, str], anyio.abc.TaskGroup] = field(default_factory=dict)
+    _engine_groups: dict[Gateway, anyio.abc.TaskGroup] = field(default_factory=dict)
     _reload_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     # ------------------------------------------------------------------ running
@@ -76,14 +84,18 @@ class Daemon:
                 tg.start_soon(self._heartbeat)
                 tg.start_soon(self._watch)
                 await self._rescan()
-                await self._wait_for_signal()
-                await self._shutdown(tg)
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
+                    async for signum in received:
+                        log.info("shutting down", signal=signal.Signals(signum).name)
+                        break
+                    # A second signal cuts the grace period short; a third is harmless.
+                    tg.start_soon(self._second_signal, received, tg.cancel_scope)
+                    await self._shutdown(tg)
 
-    async def _wait_for_signal(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
-            async for signum in received:
-                log.info("shutting down", signal=signal.Signals(signum).name)
-                return
+    async def _second_signal(self, received: AsyncIterator[int], scope: anyio.CancelScope) -> None:
+        async for _ in received:
+            log.warning("second signal; leaving steps in flight to the next start")
+            scope.cancel()
 
     async def _shutdown(self, tg: anyio.abc.TaskGroup) -> None:
         self.stopping = True
@@ -136,23 +148,19 @@ class Daemon:
         async with self._reload_lock:
             if self.stopping:
                 return
-            present = (
-                {
-                    p
-                    for p in self.watch_dir.iterdir()
-                    if p.suffix in MANIFEST_SUFFIXES and p.is_file()
-                }
-                if self.watch_dir.is_dir()
-                else set()
-            )
-            for path in sorted(present):
-                stat = path.stat()
-                signature = (stat.st_mtime_ns, stat.st_size)
+            try:
+                present = await anyio.to_thread.run_sync(_list_manifests, self.watch_dir)
+            except OSError as exc:
+                log.error(
+                    "cannot list the manifest folder", folder=str(self.watch_dir), error=str(exc)
+                )
+                return
+            for path, signature in sorted(present.items()):
                 entry = self.manifests.setdefault(path, ManifestFile(path))
                 if entry.signature != signature:
                     entry.signature = signature
                     await self._load(entry)
-            for path in set(self.manifests) - present:
+            for path in set(self.manifests) - set(present):
                 entry = self.manifests.pop(path)
                 log.info(
                     "manifest removed; its jobs are not cancelled",
@@ -162,23 +170,29 @@ class Daemon:
             self.metrics.manifest_errors = sum(1 for m in self.manifests.values() if m.error)
 
     async def _load(self, entry: ManifestFile) -> None:
+        """Admit a manifest's jobs; any problem is that manifest's error, logged and
+        shown, never the daemon's."""
         try:
-            manifest = load_manifest(entry.path)
-            gateway_of(manifest)
-            if self.redactor is not None:
-                self.redactor.add_secret(manifest.api_key)
-            for job in manifest.jobs:
-                owner = self.owners.get(job.name)
-                if owner is not None and owner != entry.path and owner in self.manifests:
-                    raise InputError(
-                        f"{entry.path}:{job.line}: jobs ({job.name}).name: "
-                        f"already used by {owner.name}"
-                    )
-            engine = await self._engine_for(manifest)
-        except InputError as exc:
+            await self._admit(entry)
+        except (InputError, OSError) as exc:
             entry.error = str(exc)
             log.error("manifest skipped", manifest=str(entry.path), error=entry.error)
-            return
+        except Exception as exc:
+            entry.error = f"internal error: {type(exc).__name__}: {exc}"
+            log.exception("manifest skipped", manifest=str(entry.path))
+
+    async def _admit(self, entry: ManifestFile) -> None:
+        manifest = await anyio.to_thread.run_sync(load_manifest, entry.path)
+        gateway = gateway_of(manifest)
+        if self.redactor is not None:
+            self.redactor.add_secret(manifest.api_key)
+        for job in manifest.jobs:
+            owner = self.owners.get(job.name)
+            if owner is not None and owner != entry.path and owner in self.manifests:
+                raise InputError(
+                    f"{entry.path}:{job.line}: jobs ({job.name}).name: already used by {owner.name}"
+                )
+        engine = await self._engine_for(manifest, gateway)
         entry.error = None
         entry.jobs = tuple(job.name for job in manifest.jobs)
         for name in entry.jobs:
@@ -188,37 +202,40 @@ class Daemon:
         records = await self.store.load([job.name for job in specs])
         planned = plan_jobs(specs, reports, records)
         runs = await engine.admit(planned, RunSummary())
-        await engine.start(self._engine_groups[self._key(manifest)], runs)
+        await engine.start(self._engine_groups[gateway], runs)
         log.info(
             "manifest loaded", manifest=str(entry.path), jobs=len(manifest.jobs), driving=len(runs)
         )
 
-    @staticmethod
-    def _key(manifest: Manifest) -> tuple[str, str]:
-        return gateway_of(manifest)
-
-    async def _engine_for(self, manifest: Manifest) -> Engine:
+    async def _engine_for(self, manifest: Manifest, gateway: Gateway) -> Engine:
         """One engine per gateway (URL and key), living until the daemon stops."""
-        key = self._key(manifest)
-        if key not in self.engines:
+        if gateway not in self.engines:
             assert self._tg is not None
-            await self._tg.start(self._host_engine, manifest, key)
-        return self.engines[key]
+            await self._tg.start(self._host_engine, manifest, gateway)
+        return self.engines[gateway]
 
     async def _host_engine(
         self,
         manifest: Manifest,
-        key: tuple[str, str],
+        gateway: Gateway,
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         async with (
-            open_engine(manifest, self.store, self.settings, self.metrics) as engine,
+            open_engine(
+                gateway,
+                manifest.statuses,
+                self.store,
+                self.settings,
+                self.metrics,
+                keep_finished=False,
+                redactor=self.redactor,
+            ) as engine,
             anyio.create_task_group() as group,
         ):
             engine.lc.clock.estimates.update(await self.store.load_estimates())
-            self.engines[key] = engine
-            self._engine_groups[key] = group
+            self.engines[gateway] = engine
+            self._engine_groups[gateway] = group
             group.start_soon(engine.serve)
             task_status.started()
             await anyio.sleep_forever()
@@ -273,6 +290,24 @@ class Daemon:
                     }
                 )
         return web.Response(text=json.dumps(out, indent=2), content_type="application/json")
+
+
+def _list_manifests(folder: Path) -> dict[Path, tuple[int, int]]:
+    """Each manifest file in ``folder`` with its (mtime_ns, size); a file that vanishes
+    while it is looked at is simply not there."""
+    found: dict[Path, tuple[int, int]] = {}
+    if not folder.is_dir():
+        return found
+    for path in folder.iterdir():
+        if path.suffix not in MANIFEST_SUFFIXES:
+            continue
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        if S_ISREG(stat.st_mode):
+            found[path] = (stat.st_mtime_ns, stat.st_size)
+    return found
 
 
 def parse_listen(value: str) -> tuple[str, int]:

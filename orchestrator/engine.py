@@ -3,6 +3,10 @@
 The batch command and the daemon both use it; ``run_batch`` simply returns when every
 job it was given has reached its goal (arq's burst mode). Cancel requests come from
 the store (the control plane), checked between steps and during every wait.
+
+One driver per job: every change to a job (its steps, a cancel, a replace) is made by
+the one task that drives it, so two tasks never move the same job. A transient error
+is retried, never a verdict; an error handler never raises.
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ import anyio.lowlevel
 import structlog
 
 from orchestrator import lifecycle
-from orchestrator.errors import AuthError, GatewayError, RetryableError, UploadError
+from orchestrator.errors import (
+    AuthError,
+    GatewayError,
+    RetryableError,
+    StoreError,
+    UploadError,
+)
 from orchestrator.lifecycle import JobRun, Lifecycle
 from orchestrator.plan import Action, PlannedJob
 from orchestrator.retry import RetryPolicy
@@ -30,15 +40,19 @@ from orchestrator.states import JobRecord, State, Transition
 
 log = structlog.get_logger("engine")
 
-STEP_RETRY = RetryPolicy(initial=1.0, coefficient=2.0, maximum=60.0, max_attempts=10)
+# The wait between attempts of a step that failed transiently; how long it may keep
+# failing is ``EngineSettings.step_deadline``.
+STEP_RETRY = RetryPolicy(initial=1.0, coefficient=2.0, maximum=60.0)
 
 
 @dataclass
 class RunSummary:
     states: dict[str, State] = field(default_factory=dict)
     changed: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # failed jobs' reasons
     interrupted: bool = False
-    fatal: str | None = None
+    fatal: str | None = None  # bad input found mid-run (a refused key): exit 2
+    broken: str | None = None  # the store failed mid-run: exit 1
 
     def counts(self) -> Counter[str]:
         return Counter(state.value for state in self.states.values())
@@ -46,6 +60,8 @@ class RunSummary:
     def exit_code(self, until: str) -> int:
         if self.fatal:
             return 2
+        if self.broken:
+            return 1
         if self.interrupted:
             return 130
         goal = {State.SUCCEEDED, State.TRAINING} if until == "submitted" else {State.SUCCEEDED}
@@ -108,17 +124,23 @@ class Engine:
         *,
         until: str = "done",
         step_retry: RetryPolicy = STEP_RETRY,
+        keep_finished: bool = True,
     ) -> None:
         self.lc = lc
         lc.on_estimate = self._estimate_dropped
         self.until = until
         self.step_retry = step_retry
+        # A batch keeps every run for its summary and view; the daemon, which runs for
+        # weeks, lets a run go when its job ends.
+        self.keep_finished = keep_finished
         self.runs: dict[str, JobRun] = {}
         self.active = 0  # drive() calls under way
-        self._driving: set[str] = set()
+        self._driving: set[str] = set()  # names with a driver, started or about to start
         self._idle = anyio.Event()
+        self._group: anyio.abc.TaskGroup | None = None  # serve()'s, for cancel-only drivers
         self.stopping = False
         self.fatal: str | None = None
+        self.broken: str | None = None
         self.step_slots = anyio.Semaphore(lc.settings.step_concurrency, fast_acquire=True)
         self.timer = PollTimer()
 
@@ -130,28 +152,51 @@ class Engine:
         for run in self.runs.values():
             run.wake.set()
 
+    def halt(self, message: str) -> None:
+        """The store failed: nothing more can be recorded, so nothing more is done."""
+        if self.broken is None:
+            self.broken = message
+            log.error("state store failed; stopping", error=message)
+        self.stop()
+
     async def serve(self) -> None:
         """Forever, beside the jobs: the poll timer, and cancel requests from the store."""
         async with anyio.create_task_group() as tg:
+            self._group = tg
             tg.start_soon(self.timer.serve)
             tg.start_soon(self.watch_cancels)
 
     async def watch_cancels(self) -> None:
-        """Forever: turn cancel requests in the store into wake-ups of the affected runs."""
+        """Forever: hand cancel requests in the store to the jobs' drivers."""
         interval = self.lc.settings.cancel_check_interval
         while True:
-            requested = await self.lc.store.cancel_requests()
-            for name in requested:
-                run = self.runs.get(name)
-                if run is None or run.cancel_requested:
-                    continue
+            try:
+                await self._take_cancels()
+            except StoreError as exc:
+                self.halt(str(exc))
+            await anyio.sleep(interval)
+
+    async def _take_cancels(self) -> None:
+        store = self.lc.store
+        requested = await store.cancel_requests()
+        strangers = [name for name in requested if name not in self.runs]
+        records = await store.load(strangers) if strangers else {}
+        for name in requested:
+            run = self.runs.get(name)
+            if run is None:
+                record = records.get(name)
+                if record is None or record.state.terminal:
+                    await store.clear_cancel(name)  # nothing left to cancel
+                continue  # else another engine (or a later manifest) drives it
+            if run.record.state.terminal:
+                await store.clear_cancel(name)
+            elif not run.cancel_requested:
                 run.cancel_requested = True
                 if name in self._driving:
-                    run.wake.set()  # its drive loop cancels it between steps
-                elif not run.record.state.terminal:  # known but left alone (spec changed)
-                    await self._guarded(run, lifecycle.cancel_job)
-                    await self.lc.store.clear_cancel(name)
-            await anyio.sleep(interval)
+                    run.wake.set()  # its driver cancels it between steps
+                elif self._group is not None:  # known but left alone (spec changed)
+                    self._driving.add(name)
+                    self._group.start_soon(self.drive, run)
 
     # ------------------------------------------------------------------ batches
 
@@ -173,17 +218,20 @@ class Engine:
             outer.cancel_scope.cancel()
         for run in runs:
             summary.states[run.record.name] = run.record.state
+            if run.record.state is State.FAILED and run.record.error:
+                summary.errors[run.record.name] = run.record.error
         summary.interrupted = (
             self.stopping
-            and not self.fatal
+            and not (self.fatal or self.broken)
             and any(not self._done(run.record.state) for run in runs)
         )
-        summary.fatal = self.fatal
+        summary.fatal, summary.broken = self.fatal, self.broken
         return summary
 
     async def start(self, group: anyio.abc.TaskGroup, runs: list[JobRun]) -> None:
         """Drive ``runs`` in ``group``, ``ADMIT_CHUNK`` at a time (see ``_admission_room``)."""
         for index, run in enumerate(runs, 1):
+            self._driving.add(run.record.name)  # owned from now: a cancel waits for it
             group.start_soon(self.drive, run)
             if index % self.ADMIT_CHUNK == 0:
                 await self._admission_room()
@@ -226,17 +274,23 @@ class Engine:
                     job=plan.spec.name,
                     state=record.state.value if record else None,
                 )
-            if record is None:
+            if record is None:  # a replace that could not cancel what it replaces
+                summary.changed.append(plan.spec.name)
                 continue
             run = JobRun(plan.spec, record, plan.report)
-            self.runs[plan.spec.name] = run  # every job the engine knows, for views
+            if self.keep_finished or not record.state.terminal:
+                self.runs[plan.spec.name] = run  # the jobs the engine knows, for views
             if not self._done(record.state) and plan.action is not Action.CHANGED:
                 runs.append(run)
             else:
                 summary.states[record.name] = record.state
+                if record.state is State.FAILED and record.error:
+                    summary.errors[record.name] = record.error
         return runs
 
     async def _apply(self, plan: PlannedJob) -> JobRecord | None:
+        """Write what the plan says to the store; None when a replace must wait because
+        the finetune it replaces could not be cancelled."""
         spec, old = plan.spec, plan.record
         store = self.lc.store
 
@@ -245,7 +299,7 @@ class Engine:
                 name=spec.name,
                 fingerprint=plan.fingerprint,
                 manifest=spec.manifest,
-                base_url=self.lc.client.base_url,
+                base_url=self.lc.redact(self.lc.client.base_url),
                 content_sha256=plan.report.sha256 if plan.report else None,
                 **changes,
             )
@@ -254,44 +308,58 @@ class Engine:
             record = fresh()
             await store.save(record, Transition(spec.name, None, State.PENDING, record.created_at))
             return record
+        carried: dict[str, Any] = {}
+        if old is not None:
+            if not old.state.terminal:
+                # Replacing a job in flight (or failing it for an invalid new dataset):
+                # its finetune is cancelled first, whatever becomes of the new spec.
+                old = await self._cancel_replaced(JobRun(spec, old, plan.report))
+                if old is None:
+                    return None
+            # A job that failed on our side replays its keys and adopts what the gateway
+            # made; any other retry, a replace or an invalid dataset starts a new attempt.
+            adopt = plan.action is Action.RETRY and old.adoptable
+            finetunes = old.abandoned_finetunes
+            if old.finetune_id and not adopt:
+                finetunes = (*finetunes, old.finetune_id)
+            carried = {
+                "attempt": old.attempt if adopt else old.attempt + 1,
+                "abandoned_datasets": old.abandoned_datasets,
+                "abandoned_finetunes": finetunes,
+                "created_at": old.created_at,
+            }
         if plan.action is Action.INVALID:
             assert plan.report is not None
-            record = fresh(
-                state=State.FAILED,
-                error=plan.report.summary(),
-                **({"attempt": old.attempt, "created_at": old.created_at} if old else {}),
-            )
-            await store.save(
-                record,
-                Transition(
-                    spec.name,
-                    old.state if old else None,
-                    State.FAILED,
-                    record.updated_at,
-                    "invalid dataset",
-                ),
-            )
-            return record
-        if plan.action in (Action.RETRY, Action.REPLACE):
-            assert old is not None
-            if not old.state.terminal:  # replacing a job in flight: cancel it first
-                run = JobRun(spec, old, plan.report)
-                await lifecycle.cancel_job(self.lc, run)
-                old = run.record
+            record = fresh(state=State.FAILED, error=plan.report.summary(), **carried)
+            detail = "invalid dataset"
+            log.error("job failed", job=spec.name, error=record.error)
+            self.lc.metrics.failed(spec.name, record.error or detail)
+        else:
+            assert old is not None and plan.action in (Action.RETRY, Action.REPLACE)
             await store.clear_cancel(spec.name)
-            record = fresh(
-                attempt=old.attempt + 1,
-                abandoned_datasets=old.abandoned_datasets,
-                created_at=old.created_at,
+            record = fresh(**carried)
+            detail = plan.action.value
+        await store.save(
+            record,
+            Transition(
+                spec.name, old.state if old else None, record.state, record.updated_at, detail
+            ),
+        )
+        return record
+
+    async def _cancel_replaced(self, run: JobRun) -> JobRecord | None:
+        """Cancel a job in flight before its record is replaced; None when the gateway
+        could not be told (the job is then left as it is, to be replaced later)."""
+        try:
+            await lifecycle.cancel_job(self.lc, run)
+        except GatewayError as exc:
+            log.error(
+                "could not cancel the job being replaced; left as it is",
+                job=run.record.name,
+                error=str(exc),
             )
-            await store.save(
-                record,
-                Transition(
-                    spec.name, old.state, State.PENDING, record.updated_at, plan.action.value
-                ),
-            )
-            return record
-        return old
+            return None
+        return run.record
 
     def _done(self, state: State) -> bool:
         return state.terminal or (self.until == "submitted" and state.submitted)
@@ -300,19 +368,22 @@ class Engine:
 
     async def drive(self, run: JobRun) -> None:
         """Advance one job until it is done, cancelled, or the engine stops."""
+        name = run.record.name
         self.active += 1
-        self._driving.add(run.record.name)
+        self._driving.add(name)
         try:
             await self._drive(run)
         finally:
-            self._driving.discard(run.record.name)
+            self._driving.discard(name)
+            if not self.keep_finished and run.record.state.terminal:
+                self.runs.pop(name, None)
             self.active -= 1
-            if not self.active:
+            if not self._driving:
                 self._idle.set()
 
     async def wait_idle(self) -> None:
-        """Until no job is being driven (after ``stop``, the in-flight steps have ended)."""
-        while self.active:
+        """Until no job has a driver (after ``stop``, the in-flight steps have ended)."""
+        while self._driving:
             if self._idle.is_set():
                 self._idle = anyio.Event()
             await self._idle.wait()
@@ -321,29 +392,40 @@ class Engine:
         return name in self._driving
 
     async def _drive(self, run: JobRun) -> None:
-        failures = 0
+        failures, failing_since = 0, 0.0
         while not self._done(run.record.state) and not self.stopping:
-            if run.cancel_requested:
-                await self._guarded(run, lifecycle.cancel_job)
-                if run.record.state.terminal:
-                    await self.lc.store.clear_cancel(run.record.name)
-                    return
-            state = run.record.state
-            if state in lifecycle.POLLING_STATES and not await self._wait_for_poll(run):
-                continue
-            step = lifecycle.STEPS[state]
+            step: lifecycle.Step | None = lifecycle.cancel_job if run.cancel_requested else None
+            if step is None:
+                state = run.record.state
+                if state in lifecycle.POLLING_STATES and not await self._wait_for_poll(run):
+                    continue
+                step = lifecycle.STEPS[state]
             error = await self._guarded(run, step)
+            if step is lifecycle.cancel_job and run.record.state.terminal:
+                await self._clear_cancel(run)
+                return
             if error is None:
                 failures = 0
                 continue
             failures += 1
-            if failures >= self.step_retry.max_attempts:
-                await self._fail(run, f"gave up after {failures} attempts: {error}")
+            failing_since = failing_since if failures > 1 else time.monotonic()
+            deadline = self.lc.settings.step_deadline
+            if time.monotonic() - failing_since > deadline and step is not lifecycle.cancel_job:
+                await self._fail(
+                    run, f"gave up after {deadline:g}s of transient errors: {error}", adoptable=True
+                )
                 return
             await self._sleep(run, self.step_retry.delay(failures, error.retry_after, self.lc.rng))
 
+    async def _clear_cancel(self, run: JobRun) -> None:
+        try:
+            await self.lc.store.clear_cancel(run.record.name)
+        except StoreError as exc:
+            self.halt(str(exc))
+
     async def _guarded(self, run: JobRun, step: lifecycle.Step) -> RetryableError | None:
-        """Run a step; a permanent problem fails the job, a transient one is returned."""
+        """Run a step; a permanent problem fails the job, a transient one is returned.
+        Never raises (but for cancellation): one job's trouble is not the batch's."""
         try:
             if step is lifecycle.prepare_dataset and run.spec.dataset_path is not None:
                 await step(self.lc, run)  # bounded by its upload slots instead
@@ -353,6 +435,8 @@ class Engine:
         except RetryableError as exc:
             run.log.warning("step will be retried", error=str(exc))
             return exc
+        except StoreError as exc:
+            self.halt(str(exc))
         except AuthError as exc:
             # The key is wrong for every job: stop everything rather than fail them all.
             self.fatal = f"gateway {self.lc.client.base_url} refused the API key: {exc.message}"
@@ -363,12 +447,21 @@ class Engine:
             await self._fail(run, f"cannot read dataset: {exc}")
         except Exception as exc:  # a bug must cost one job, not the batch
             run.log.exception("internal error")
-            await self._fail(run, f"internal error: {type(exc).__name__}: {exc}")
+            await self._fail(run, f"internal error: {type(exc).__name__}: {exc}", adoptable=True)
         return None
 
-    async def _fail(self, run: JobRun, message: str) -> None:
-        run.log.error("job failed", error=message)
-        await self.lc.transition(run, State.FAILED, "error", error=message, intent=None)
+    async def _fail(self, run: JobRun, message: str, **changes: Any) -> None:
+        """Record a failure; never raises (it runs in the error handler)."""
+        if run.record.state.terminal:
+            return
+        try:
+            await self.lc.transition(
+                run, State.FAILED, "error", error=message, intent=None, **changes
+            )
+        except StoreError as exc:
+            self.halt(str(exc))
+        except Exception:
+            run.log.exception("could not record the failure", error=message)
 
     async def _wait_for_poll(self, run: JobRun) -> bool:
         """Sleep until the job's next poll is due; False if woken to stop or cancel.

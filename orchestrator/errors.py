@@ -4,11 +4,13 @@
   ``InputError``            bad manifest or dataset: exit 2, nothing sent
   ``GatewayError``          anything the gateway or storage host answered badly
     ``RetryableError``      429, 5xx, timeouts, dropped connections: try again later
+      ``UnreadableAnswer``  an answer we could not read: not a verdict, look again
     ``PermanentError``      400/401/403/404/409/422, ``success: false``: do not retry
       ``AuthError``         401/403 from the gateway
       ``NotFoundError``     404
       ``ConflictError``     409: the call is out of order for the object's state
   ``UploadError``           the storage host refused or corrupted an upload
+  ``StoreError``            the state file cannot be read or written
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ class RetryableError(GatewayError):
         self.retry_after = retry_after
 
 
+class UnreadableAnswer(RetryableError):
+    """An HTTP answer came back, but not one we can read (HTML, truncated JSON,
+    ``success: false`` with a 2xx status, a missing field). It says nothing about the
+    object: the call's outcome is unknown, and the object is observed again."""
+
+
 class PermanentError(GatewayError):
     """Trying again with the same request cannot help."""
 
@@ -79,6 +87,10 @@ class UploadError(OrchestratorError):
         self.expired = expired
 
 
+class StoreError(OrchestratorError):
+    """The state file (or database) failed: the message names it and the OS error."""
+
+
 def permanent_for_status(status: int) -> type[PermanentError]:
     """The most specific permanent error class for an HTTP status."""
     if status in (401, 403):
@@ -90,4 +102,6 @@ def permanent_for_status(status: int) -> type[PermanentError]:
     return PermanentError
 
 
-RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+def retryable_status(status: int) -> bool:
+    """Rate limits, timeouts and every 5xx: the server may do better next time."""
+    return status >= 500 or status in (408, 425, 429)

@@ -25,11 +25,12 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic.alias_generators import to_camel
 
 from orchestrator.errors import (
-    RETRYABLE_STATUSES,
     GatewayError,
     PermanentError,
     RetryableError,
+    UnreadableAnswer,
     permanent_for_status,
+    retryable_status,
 )
 from orchestrator.retry import call_with_retries, parse_retry_after
 from orchestrator.sessions import NoAnswer, Reply, open_session
@@ -87,7 +88,7 @@ class Finetune(GatewayModel):
     last_updated_at: str | None = None
     metadata: dict[str, Any] | None = None
     training_dataset: Dataset | None = None
-    error: str | None = None
+    error: Any = None  # a string, or an object with message, code and param
 
     def failure_message(self) -> str | None:
         """The gateway's words on why validation or training failed, wherever it put them."""
@@ -99,9 +100,24 @@ class Finetune(GatewayModel):
             extra.get("message"),
             (self.metadata or {}).get("error"),
         ):
-            if isinstance(candidate, str) and candidate:
-                return candidate
+            message = error_text(candidate)
+            if message:
+                return message
         return None
+
+
+def error_text(error: Any) -> str | None:
+    """A gateway error as one line: a string as it is, an object as its message with
+    its code and param when it has them."""
+    if isinstance(error, str):
+        return error or None
+    if not isinstance(error, dict):
+        return None
+    message = error_text(error.get("message")) or error_text(error.get("error"))
+    details = [f"{key} {error[key]}" for key in ("code", "param") if error.get(key)]
+    if message and details:
+        return f"{message} ({', '.join(details)})"
+    return message or (", ".join(details) or None)
 
 
 # ------------------------------------------------------------------------ endpoints
@@ -268,7 +284,14 @@ class GatewayClient:
         await self._call(CANCEL_FINETUNE, finetune_id)
 
     async def get_finetune(self, finetune_id: str) -> Finetune:
-        return self._parse(GET_FINETUNE, Finetune, await self._call(GET_FINETUNE, finetune_id))
+        """The finetune as the gateway states it. An answer without its ``id`` or a
+        ``status`` is no statement: ``UnreadableAnswer``."""
+        finetune = self._parse(GET_FINETUNE, Finetune, await self._call(GET_FINETUNE, finetune_id))
+        if finetune.id != finetune_id:
+            raise UnreadableAnswer(GET_FINETUNE.name, f"answer is about {finetune.id!r}")
+        if not isinstance(finetune.status, str) or not finetune.status:
+            raise UnreadableAnswer(GET_FINETUNE.name, "answer has no status")
+        return finetune
 
     async def probe(self, attempts: int = 3) -> None:
         """GET a made-up finetune: proves the URL answers like the gateway and takes the key.
@@ -285,7 +308,7 @@ class GatewayClient:
                     raise RetryableError(GET_FINETUNE.name, self._describe(exc)) from None
                 await anyio.sleep(0.2 * attempt)
                 continue
-            if reply.status in RETRYABLE_STATUSES:
+            if retryable_status(reply.status):
                 return  # busy, but there
             if reply.status in (401, 403):
                 self._unwrap(GET_FINETUNE, reply)
@@ -353,41 +376,40 @@ class GatewayClient:
         return scrub(f"gateway {self.base_url}: {exc}", self._api_key)
 
     def _unwrap(self, endpoint: Endpoint, reply: Reply) -> Any:
+        """The envelope's ``data``, or the error the answer amounts to. A 2xx answer we
+        cannot read is ``UnreadableAnswer``: the call may or may not have taken effect."""
         status = reply.status
         payload = _json(reply.body)
         if status < 400 and isinstance(payload, dict) and payload.get("success") is not False:
-            return payload.get("data") or {}  # nearly every answer: no message to build
+            data = payload.get("data")
+            return {} if data is None else data  # nearly every answer: no message to build
         message = self._server_message(payload) or (
-            reply.body[:200].decode(errors="replace") or reply.reason
+            reply.body[:200].decode(errors="replace").strip() or reply.reason
         )
         message = scrub(message, self._api_key)
-        if status in RETRYABLE_STATUSES:
+        if status < 400:
+            what = "success: false" if isinstance(payload, dict) else "not a JSON envelope"
+            raise UnreadableAnswer(endpoint.name, f"{what}: {message}", status)
+        if retryable_status(status):
             raise RetryableError(
                 endpoint.name,
                 message,
                 status,
                 retry_after=parse_retry_after(reply.headers.get("Retry-After")),
             )
-        if status >= 400:
-            raise permanent_for_status(status)(endpoint.name, message, status)
-        if not isinstance(payload, dict):
-            raise PermanentError(endpoint.name, "response is not a JSON envelope", status)
-        if payload.get("success") is False:
-            raise PermanentError(endpoint.name, message or "success: false", status)
-        return payload.get("data") or {}
+        raise permanent_for_status(status)(endpoint.name, message, status)
 
     @staticmethod
     def _server_message(payload: Any) -> str | None:
         if not isinstance(payload, dict):
             return None
-        for source in (payload, payload.get("data"), payload.get("error")):
-            if isinstance(source, str) and source:
-                return source
-            if isinstance(source, dict):
-                for key in ("message", "error", "detail"):
-                    value = source.get(key)
-                    if isinstance(value, str) and value:
-                        return value
+        for key in ("error", "message", "detail", "data"):
+            source = payload.get(key)
+            message = error_text(source) or (
+                error_text(source.get("detail")) if isinstance(source, dict) else None
+            )
+            if message:
+                return message
         return None
 
     def _parse(self, endpoint: Endpoint, model: type[M], data: Any) -> M:
@@ -397,7 +419,7 @@ class GatewayClient:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
             )
-            raise PermanentError(endpoint.name, f"unexpected response: {problems}") from None
+            raise UnreadableAnswer(endpoint.name, f"unexpected answer: {problems}") from None
 
 
 _UNRESERVED = re.compile(r"[A-Za-z0-9._~-]+")  # what quote(safe="") leaves as it is

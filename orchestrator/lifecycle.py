@@ -2,13 +2,21 @@
 runs in which state.
 
 Rules every step keeps:
+- the gateway is the truth: a phase ends only on a status the gateway stated. An answer
+  we could not read (``UnreadableAnswer``, a 5xx, a stray 404) or a status we do not
+  know is *not observed yet*: the job keeps its state and looks again, within the
+  phase's deadline;
 - each transition is durable (``Lifecycle.transition``) before the next side effect;
 - before a non-idempotent call (the two creates, ``/start``) the intent is persisted,
-  with the transition before it where there is one (a save of its own costs a commit),
-  and the creates carry an ``Idempotency-Key`` derived from the job and its attempt;
-- a persisted ``start_finetune`` intent whose call may have gone out (in an earlier
-  attempt or process) is resolved by *observing* the finetune first: ``/start`` is sent
-  again only while the gateway still says the dataset is validated.
+  with the transition before it where there is one, and the creates carry an
+  ``Idempotency-Key`` derived from the job and its attempt, so a create whose answer was
+  lost is replayed with the same key;
+- what the gateway hands back is observed before it is acted on: a finetune past
+  ``created`` is never re-attached (that would reset it) but adopted where it is, and a
+  dataset already uploaded is not uploaded again;
+- a persisted ``start_finetune`` intent whose call may have gone out is resolved by
+  observing: "started" only on a status of training or later, ``/start`` again only
+  while the gateway says validated, and anything else means look again.
 """
 
 from __future__ import annotations
@@ -27,14 +35,21 @@ import anyio
 import structlog
 
 from orchestrator.datasets import DatasetReport
-from orchestrator.errors import ConflictError, RetryableError, UploadError
+from orchestrator.errors import (
+    AuthError,
+    ConflictError,
+    GatewayError,
+    RetryableError,
+    UnreadableAnswer,
+    UploadError,
+)
 from orchestrator.gateway import Finetune, GatewayClient
 from orchestrator.manifest import JobSpec
 from orchestrator.metrics import Metrics
 from orchestrator.sessions import HttpSession
 from orchestrator.settings import EngineSettings
 from orchestrator.states import JobRecord, State, Transition, check_transition
-from orchestrator.statuses import Phase, StatusMap
+from orchestrator.statuses import Phase, StatusMap, suggestion
 from orchestrator.store import CheckpointStore, SharedDataset
 from orchestrator.upload import upload_dataset
 
@@ -61,6 +76,7 @@ class JobRun:
     warned_statuses: set[str] = field(default_factory=set)
     wake: anyio.Event = field(default_factory=anyio.Event)
     cancel_requested: bool = False
+    adopted: bool = False  # its phase began before we saw it: no duration to learn
     last_poll_at: float | None = None  # wall clock of the last status GET
     sleeping_until: float | None = None  # wall clock its poll is due, while it waits
     unsent_intent: str | None = None  # persisted by this process; its call not sent yet
@@ -158,7 +174,10 @@ class Lifecycle:
     clock: PhaseClock = field(default_factory=PhaseClock)
     # Told when an estimate drops, so jobs sleeping in that state can poll sooner.
     on_estimate: Callable[[State], None] = lambda state: None
-    _content_locks: dict[str, anyio.Lock] = field(default_factory=dict)
+    # Applied to every text stored (errors, details): the log redactor's ``text``.
+    redact: Callable[[str], str] = str
+    # key -> (lock, holders): an entry lives only while some job holds or awaits it.
+    _content_locks: dict[str, tuple[anyio.Lock, list[int]]] = field(default_factory=dict)
 
     async def transition(
         self,
@@ -173,6 +192,10 @@ class Lifecycle:
         has made reusable by later jobs, saved in the same commit."""
         old = run.record.state
         check_transition(old, new)
+        if changes.get("error"):
+            changes["error"] = self.redact(changes["error"])
+        if detail:
+            detail = self.redact(detail)
         record = run.record.evolve(state=new, **changes)
         transition = Transition(record.name, old, new, record.updated_at, detail)
         await self.store.save(record, transition, dataset=shares)
@@ -180,6 +203,10 @@ class Lifecycle:
         if "intent" in changes:
             run.unsent_intent = changes["intent"]
         self.metrics.transition(old.value, new.value)
+        if new is State.FAILED:
+            self.metrics.failed(record.name, record.error or detail or "failed")
+            run.log.error("job failed", old=old.value, detail=detail, error=record.error)
+            return
         level = logging.INFO if new in _MILESTONES or detail else logging.DEBUG
         if _job_log.is_enabled_for(level):
             run.log.log(level, "transition", old=old.value, detail=detail)
@@ -194,9 +221,15 @@ class Lifecycle:
 
     @asynccontextmanager
     async def content_lock(self, key: str) -> AsyncIterator[None]:
-        lock = self._content_locks.setdefault(key, anyio.Lock())
-        async with lock:
-            yield
+        lock, holders = self._content_locks.setdefault(key, (anyio.Lock(), [0]))
+        holders[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            holders[0] -= 1
+            if not holders[0]:
+                del self._content_locks[key]
 
 
 def idempotency_key(record: JobRecord, call: str) -> str:
@@ -239,6 +272,8 @@ async def prepare_dataset(lc: Lifecycle, run: JobRun) -> None:
             small = size < lc.settings.upload.small_file_bytes
             async with lc.small_upload_slots if small else lc.upload_slots:
                 await _create_and_upload(lc, run)
+            if run.record.state is State.FAILED:
+                return
         elif run.record.state is State.PENDING or run.record.intent == CREATE_DATASET:
             await _create_dataset(lc, run)
         s3_key = run.spec.s3_key or run.record.s3_key
@@ -268,6 +303,22 @@ async def _create_dataset(lc: Lifecycle, run: JobRun) -> None:
     await lc.transition(run, State.DATASET_CREATED, dataset_id=created.id, intent=None)
 
 
+async def _uploaded_already(lc: Lifecycle, run: JobRun) -> str | None:
+    """The object key of a dataset the gateway shows as uploaded (an idempotent replay
+    after a lost state file), or None. A gateway that cannot say is uploaded to again:
+    that costs bytes, never a wrong result."""
+    assert run.record.dataset_id is not None
+    try:
+        dataset = await lc.client.get_dataset(run.record.dataset_id)
+    except AuthError:
+        raise
+    except GatewayError:
+        return None
+    if dataset.id != run.record.dataset_id or not dataset.s3_path:
+        return None
+    return dataset.s3_path
+
+
 async def _create_and_upload(lc: Lifecycle, run: JobRun) -> None:
     assert run.spec.dataset_path is not None
     for _ in range(lc.settings.upload.max_fresh_urls + 1):
@@ -279,6 +330,12 @@ async def _create_and_upload(lc: Lifecycle, run: JobRun) -> None:
             await _create_dataset(lc, run)
             if previous and previous != run.record.dataset_id:
                 await _abandon(lc, run, previous)
+            uploaded = await _uploaded_already(lc, run)
+            if uploaded is not None:
+                await lc.transition(
+                    run, State.UPLOADED, "already uploaded on the gateway", s3_key=uploaded
+                )
+                return
         assert run.signed_url is not None
         progress = lc.metrics.upload_progress(run.record.name, run.report.size if run.report else 0)
         try:
@@ -300,6 +357,18 @@ async def _create_and_upload(lc: Lifecycle, run: JobRun) -> None:
             continue
         finally:
             lc.metrics.upload_finished(run.record.name)
+        if run.record.content_sha256 and result.sha256 != run.record.content_sha256:
+            # What went up is not what was checked: never share or train on it.
+            assert run.record.dataset_id is not None
+            await _abandon(lc, run, run.record.dataset_id)
+            await lc.transition(
+                run,
+                State.FAILED,
+                "dataset changed while uploading",
+                error=f"dataset changed while uploading: {run.spec.dataset_path} no longer "
+                "has the content that was checked; run again to check and upload it anew",
+            )
+            return
         lc.metrics.uploaded(result.size, result.seconds)
         run.log.info(
             "uploaded",
@@ -319,7 +388,7 @@ async def _abandon(lc: Lifecycle, run: JobRun, dataset_id: str) -> None:
 
 
 async def create_finetune(lc: Lifecycle, run: JobRun) -> None:
-    """dataset_ready -> finetune_created."""
+    """dataset_ready -> finetune_created. A lost answer is replayed with the same key."""
     if run.record.intent != CREATE_FINETUNE:
         await lc.persist(run, intent=CREATE_FINETUNE)
     spec = run.spec
@@ -335,8 +404,16 @@ async def create_finetune(lc: Lifecycle, run: JobRun) -> None:
 
 
 async def attach_dataset(lc: Lifecycle, run: JobRun) -> None:
-    """finetune_created -> dataset_attached."""
+    """finetune_created -> dataset_attached, or wherever the gateway already has it.
+
+    The create may have handed back a finetune made earlier (a replay after a lost state
+    file, a rerun elsewhere): attaching would reset it, so it is observed first."""
     assert run.record.finetune_id and run.record.dataset_id
+    seen = await _observe(lc, run)
+    never_attached = seen.phase is None and not seen.finetune.training_dataset_id
+    if seen.phase is not Phase.CREATED and not never_attached:
+        await _adopt(lc, run, seen, "found on the gateway")
+        return
     await lc.client.update_finetune(run.record.finetune_id, run.record.dataset_id)
     await lc.transition(run, State.DATASET_ATTACHED)
 
@@ -347,7 +424,14 @@ async def start_validation(lc: Lifecycle, run: JobRun) -> None:
     # Timed from before the call: the gateway's clock starts somewhere inside it, so a
     # learned duration errs long (one poll finds it done), never short (polls too early).
     now = time.time()
-    await lc.client.start_validation(run.record.finetune_id)
+    try:
+        await lc.client.start_validation(run.record.finetune_id)
+    except ConflictError:
+        seen = await _observe(lc, run)
+        if seen.phase is Phase.CREATED:
+            raise
+        await _adopt(lc, run, seen, "found on the gateway")
+        return
     await lc.transition(
         run,
         State.VALIDATING,
@@ -358,47 +442,23 @@ async def start_validation(lc: Lifecycle, run: JobRun) -> None:
 
 
 async def await_validation(lc: Lifecycle, run: JobRun) -> None:
-    """validating -> validated | failed, or the next poll scheduled."""
-    finetune, phase = await _observe(lc, run)
-    if phase is not None and phase is not Phase.VALIDATING and phase is not Phase.CREATED:
+    """validating -> validated (or later) | failed | cancelled, or the next poll."""
+    seen = await _poll(lc, run)
+    if seen is None:
+        return
+    if seen.phase is Phase.VALIDATED:
         await _phase_ended(lc, run)
-    if phase is Phase.VALIDATED or phase in (Phase.TRAINING, Phase.SUCCEEDED):
         await lc.transition(
             run,
             State.VALIDATED,
-            remote_status=finetune.status,
             next_poll_at=None,
             intent=START_FINETUNE,
+            **_status_fields(lc, run, seen),
         )
-    elif not await _ended_badly(lc, run, finetune, phase, "validation"):
-        await _schedule_poll(lc, run, finetune, lc.settings.poll.validation_deadline, "validation")
-
-
-async def _ended_badly(
-    lc: Lifecycle, run: JobRun, finetune: Finetune, phase: Phase | None, what: str
-) -> bool:
-    """Record a failed or cancelled phase; False when the phase has not ended that way."""
-    if phase in (Phase.FAILED, Phase.VALIDATION_FAILED):
-        message = finetune.failure_message() or finetune.status
-        await lc.transition(
-            run,
-            State.FAILED,
-            f"{what} failed",
-            remote_status=finetune.status,
-            error=f"{what} failed: {message}",
-            next_poll_at=None,
-        )
-        return True
-    if phase is Phase.CANCELLED:
-        await lc.transition(
-            run,
-            State.CANCELLED,
-            "cancelled on the gateway",
-            remote_status=finetune.status,
-            next_poll_at=None,
-        )
-        return True
-    return False
+    elif seen.phase in (Phase.VALIDATING, Phase.CREATED, None):
+        await _schedule_poll(lc, run, seen)
+    else:
+        await _adopt(lc, run, seen, "validation")
 
 
 async def start_training(lc: Lifecycle, run: JobRun) -> None:
@@ -416,8 +476,8 @@ async def start_training(lc: Lifecycle, run: JobRun) -> None:
     try:
         await lc.client.start_finetune(record.finetune_id, run.spec.override_model)
     except (RetryableError, ConflictError):
-        # The outcome is unknown (lost response) or the gateway disagrees (409):
-        # look before doing anything else.
+        # The outcome is unknown (lost or unreadable answer) or the gateway disagrees
+        # (409): look before doing anything else.
         if await _already_started(lc, run):
             return
         raise
@@ -432,109 +492,188 @@ async def start_training(lc: Lifecycle, run: JobRun) -> None:
 
 
 async def _already_started(lc: Lifecycle, run: JobRun) -> bool:
-    """Observe the finetune; adopt a start that happened. False only while still validated."""
-    finetune, phase = await _observe(lc, run)
-    if phase is Phase.VALIDATED:
+    """Observe the finetune and adopt what the gateway says; False only while it says
+    validated (``/start`` may be sent). Unreadable or unknown: raises, to look again."""
+    seen = await _observe(lc, run)
+    if seen.phase is Phase.VALIDATED:
         return False
-    if phase in (Phase.VALIDATING, Phase.CREATED, Phase.VALIDATION_FAILED):
-        # Not started, and not startable: the dataset is no longer validated.
-        await lc.transition(
-            run,
-            State.FAILED,
-            "not startable",
-            intent=None,
-            remote_status=finetune.status,
-            error=f"finetune is {finetune.status} on the gateway; it cannot be started",
+    if seen.phase is None:
+        await lc.persist(run, **_status_fields(lc, run, seen))
+        raise UnreadableAnswer(
+            "get_finetune", f"status {seen.finetune.status!r} is unknown; observing again"
         )
-        return True
-    now = time.time()
-    await lc.transition(
-        run,
-        State.TRAINING,
-        "start observed on the gateway",
-        intent=None,
-        remote_status=finetune.status,
-        phase_started_at=now,
-        poll_attempt=0,
-        next_poll_at=now,
-    )
+    await _adopt(lc, run, seen, "start observed on the gateway")
     return True
 
 
 async def await_training(lc: Lifecycle, run: JobRun) -> None:
-    """training -> succeeded | failed | cancelled, or the next poll scheduled."""
-    finetune, phase = await _observe(lc, run)
-    if phase in (Phase.SUCCEEDED, Phase.FAILED):
-        await _phase_ended(lc, run)
-    if phase is Phase.SUCCEEDED:
-        await lc.transition(
-            run,
-            State.SUCCEEDED,
-            remote_status=finetune.status,
-            fine_tuned_model=finetune.slug,
-            next_poll_at=None,
-        )
-    elif not await _ended_badly(lc, run, finetune, phase, "training"):
-        await _schedule_poll(lc, run, finetune, lc.settings.poll.training_deadline, "training")
+    """training -> succeeded | failed | cancelled, or the next poll."""
+    seen = await _poll(lc, run)
+    if seen is None:
+        return
+    if seen.phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.VALIDATION_FAILED, Phase.CANCELLED):
+        if seen.phase is Phase.SUCCEEDED:
+            await _phase_ended(lc, run)
+        await _adopt(lc, run, seen, None)
+    else:
+        await _schedule_poll(lc, run, seen)
 
 
 async def cancel_job(lc: Lifecycle, run: JobRun) -> None:
-    """Any state -> cancelled; the finetune is cancelled on the gateway if it exists."""
+    """Any state -> cancelled; the finetune is cancelled on the gateway if it exists.
+    A finetune that ended before the cancel reached it ends the job as it ended."""
     record = run.record
-    status = record.remote_status
+    status: dict[str, Any] = {}
     if record.finetune_id:
         try:
             await lc.client.cancel_finetune(record.finetune_id)
         except ConflictError:
-            finetune, phase = await _observe(lc, run)
-            if phase is Phase.SUCCEEDED:
-                await lc.transition(
-                    run,
-                    State.SUCCEEDED,
-                    "finished before the cancel",
-                    fine_tuned_model=finetune.slug,
-                    remote_status=finetune.status,
-                )
+            seen = await _observe(lc, run)
+            if seen.phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.VALIDATION_FAILED):
+                await _adopt(lc, run, seen, "ended before the cancel")
                 return
-            if phase in (Phase.FAILED, Phase.VALIDATION_FAILED):
-                await lc.transition(
-                    run,
-                    State.FAILED,
-                    "failed before the cancel",
-                    remote_status=finetune.status,
-                    error=finetune.failure_message() or finetune.status,
-                )
-                return
-            status = finetune.status
+            status = _status_fields(lc, run, seen)
     await lc.transition(
-        run,
-        State.CANCELLED,
-        "cancel requested",
-        intent=None,
-        remote_status=status,
-        next_poll_at=None,
+        run, State.CANCELLED, "cancel requested", intent=None, next_poll_at=None, **status
     )
 
 
-async def _observe(lc: Lifecycle, run: JobRun) -> tuple[Finetune, Phase | None]:
+# ------------------------------------------------------------- observing the gateway
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The finetune as the gateway stated it, and the phase its status maps to (None:
+    a status we do not know, which is no verdict)."""
+
+    finetune: Finetune
+    phase: Phase | None
+
+
+async def _observe(lc: Lifecycle, run: JobRun) -> Observation:
+    """GET the finetune. Raises ``RetryableError`` when the gateway's answer says
+    nothing we can use: a 404 or other refusal for an id it gave us is no statement
+    about the finetune either."""
     assert run.record.finetune_id
-    finetune = await lc.client.get_finetune(run.record.finetune_id)
-    run.last_poll_at = time.time()
-    lc.metrics.polled()
-    phase = lc.statuses.phase_of(finetune.status)
-    if phase is None and finetune.status not in run.warned_statuses:
-        run.warned_statuses.add(finetune.status or "")
-        run.log.warning(
-            "unknown gateway status; treating it as still in progress",
-            remote_status=finetune.status,
-        )
-    return finetune, phase
+    try:
+        finetune = await lc.client.get_finetune(run.record.finetune_id)
+    except (RetryableError, AuthError):
+        raise
+    except GatewayError as exc:
+        raise UnreadableAnswer(exc.endpoint, exc.message, exc.status) from None
+    finally:
+        run.last_poll_at = time.time()
+        lc.metrics.polled()
+    return Observation(finetune, lc.statuses.phase_of(finetune.status))
 
 
-async def _schedule_poll(
-    lc: Lifecycle, run: JobRun, finetune: Finetune, deadline: float, what: str
-) -> None:
+async def _poll(lc: Lifecycle, run: JobRun) -> Observation | None:
+    """Observe a job in a polling state; None when nothing could be read (the next poll
+    is then scheduled, with backoff, inside the phase's deadline)."""
+    try:
+        return await _observe(lc, run)
+    except RetryableError as exc:
+        lc.metrics.unobserved()
+        run.log.warning("could not read the finetune; observing again", error=str(exc))
+        await _schedule_poll(lc, run, None)
+        return None
+
+
+def _status_fields(lc: Lifecycle, run: JobRun, seen: Observation) -> dict[str, Any]:
+    """The remote status to record, and since when it has been unknown (None: known)."""
+    status = seen.finetune.status
+    if seen.phase is not None:
+        return {"remote_status": status, "unknown_status_since": None}
     record = run.record
+    since = record.unknown_status_since
+    if since is None or record.remote_status != status:
+        since = time.time()
+        run.log.info("unknown gateway status; observing again", remote_status=status)
+    elif (
+        time.time() - since >= lc.settings.poll.unknown_status_notice
+        and status not in run.warned_statuses
+    ):
+        run.warned_statuses.add(status or "")
+        waiting = Phase.VALIDATING if record.state is State.VALIDATING else Phase.TRAINING
+        run.log.warning(
+            "gateway status still unknown; add it to the manifest",
+            remote_status=status,
+            unknown_for=round(time.time() - since),
+            manifest_line=suggestion(status or "", waiting),
+        )
+    return {"remote_status": status, "unknown_status_since": since}
+
+
+async def _adopt(lc: Lifecycle, run: JobRun, seen: Observation, detail: str | None) -> None:
+    """Move the job to where the gateway says its finetune is (a phase other than
+    created), from any state that observes."""
+    finetune, phase = seen.finetune, seen.phase
+    fields = _status_fields(lc, run, seen)
+    now = time.time()
+    if phase is None:
+        await lc.persist(run, **fields)
+        raise UnreadableAnswer(
+            "get_finetune", f"status {finetune.status!r} is unknown; observing again"
+        )
+    if phase in (Phase.FAILED, Phase.VALIDATION_FAILED):
+        what = "training" if phase is Phase.FAILED else "validation"
+        message = finetune.failure_message() or finetune.status
+        await lc.transition(
+            run,
+            State.FAILED,
+            f"{what} failed",
+            error=f"{what} failed: {message}",
+            intent=None,
+            next_poll_at=None,
+            **fields,
+        )
+    elif phase is Phase.CANCELLED:
+        await lc.transition(
+            run,
+            State.CANCELLED,
+            "cancelled on the gateway",
+            intent=None,
+            next_poll_at=None,
+            **fields,
+        )
+    elif phase is Phase.SUCCEEDED:
+        await lc.transition(
+            run,
+            State.SUCCEEDED,
+            detail,
+            fine_tuned_model=finetune.slug,
+            intent=None,
+            next_poll_at=None,
+            **fields,
+        )
+    elif phase is Phase.VALIDATED:
+        await lc.transition(
+            run, State.VALIDATED, detail, intent=START_FINETUNE, next_poll_at=None, **fields
+        )
+    else:  # validating (or created again after validation) / training: follow it there
+        state = State.TRAINING if phase is Phase.TRAINING else State.VALIDATING
+        if run.record.state is not state:
+            run.adopted = True
+            await lc.transition(
+                run,
+                state,
+                detail,
+                intent=None,
+                phase_started_at=now,
+                poll_attempt=0,
+                next_poll_at=now,
+                **fields,
+            )
+
+
+async def _schedule_poll(lc: Lifecycle, run: JobRun, seen: Observation | None) -> None:
+    """The next poll of a validating or training job, or ``failed`` past its deadline."""
+    record = run.record
+    training = record.state is State.TRAINING
+    what = "training" if training else "validation"
+    poll = lc.settings.poll
+    deadline = poll.training_deadline if training else poll.validation_deadline
+    fields = _status_fields(lc, run, seen) if seen is not None else {}
     now = time.time()
     started = record.phase_started_at or now
     if now - started > deadline:
@@ -542,25 +681,32 @@ async def _schedule_poll(
             run,
             State.FAILED,
             f"{what} deadline",
-            remote_status=finetune.status,
-            error=f"{what} did not finish within {deadline:g}s (last status {finetune.status})",
+            error=f"{what} did not finish within {deadline:g}s "
+            f"(last status {fields.get('remote_status', record.remote_status)})",
+            adoptable=True,  # the gateway may still be at it: a retry follows it again
+            **fields,
         )
         return
     attempt = record.poll_attempt + 1
-    delay = lc.settings.poll.policy().backoff(attempt)
+    delay = poll.policy().backoff(attempt)
     estimate = lc.clock.estimate(run)
-    if estimate is None:
-        delay = min(lc.clock.poll_delay(run, delay), lc.settings.poll.maximum)
+    if seen is None:
+        pass  # nothing read: back off, whatever the estimate says
+    elif estimate is None:
+        delay = min(lc.clock.poll_delay(run, delay), poll.maximum)
     else:
         expected = lc.clock.expected_end(run)
         # Near the expected end: ask again soon rather than after a long backoff step.
         delay = expected - now if expected is not None else min(delay, max(0.05 * estimate, 0.2))
-    await lc.persist(
-        run, remote_status=finetune.status, poll_attempt=attempt, next_poll_at=now + delay
-    )
+    delay = max(delay, poll.initial)  # never sooner than --poll-interval after the last
+    await lc.persist(run, poll_attempt=attempt, next_poll_at=now + delay, **fields)
 
 
 async def _phase_ended(lc: Lifecycle, run: JobRun) -> None:
+    """A phase seen ending *successfully*: its duration teaches the clock. A failure
+    may come at any time and says nothing about how long the phase takes."""
+    if run.adopted:
+        return
     estimate = lc.clock.finished(run, time.time())
     if estimate is not None:
         await lc.store.save_estimate(lc.clock.key(run), estimate)
@@ -568,11 +714,15 @@ async def _phase_ended(lc: Lifecycle, run: JobRun) -> None:
 
 
 def poll_due(lc: Lifecycle, run: JobRun) -> float | None:
-    """When a job in a polling state should next ask: its schedule, or sooner by the clock."""
+    """When a job in a polling state should next ask: its schedule, or sooner by the
+    clock, but never sooner than ``--poll-interval`` after its last poll."""
     expected = lc.clock.expected_end(run)
     # The clock, when it knows the phase, beats the blind schedule either way: sooner
     # than a long backoff step, and later than a first poll that could only find "busy".
-    return expected if expected is not None else run.record.next_poll_at
+    due = expected if expected is not None else run.record.next_poll_at
+    if due is not None and run.last_poll_at is not None:
+        due = max(due, run.last_poll_at + lc.settings.poll.initial)
+    return due
 
 
 Step = Callable[[Lifecycle, JobRun], Awaitable[None]]

@@ -1,8 +1,11 @@
-"""Logging: structlog configured once, with one redaction processor every event passes.
+"""Logging and redaction: structlog configured once, with one redaction processor
+that every event passes, the standard library's log records included.
 
-The redactor removes the API key (and any other registered secret), the values of
-credential-like keys, and the query strings of signed URLs from every string in an
-event, exception text included. Call sites need not remember anything.
+``Redactor`` is the one redaction for everything that leaves the process or is stored:
+log events, error texts written to the state file, ``status`` output and the top-level
+error line. It removes the API key (and any other registered secret), the values of
+credential-like keys, the user and password in URLs, and the query strings of signed
+URLs. Call sites need not remember anything.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import orjson
 import structlog
 
 _SIGNED_QUERY = re.compile(r"(https?://[^\s?\"'<>]+)\?[^\s\"'<>]*")
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@\"'<>]+@")
 _CREDENTIAL_KEYS = frozenset(
     {
         "api_key",
@@ -25,7 +29,6 @@ _CREDENTIAL_KEYS = frozenset(
         "authorization",
         "proxy-authorization",
         "signed_url",
-        "idempotency_key_secret",
         "cookie",
         "set-cookie",
     }
@@ -48,8 +51,11 @@ class Redactor:
         for secret in self._secrets:
             if secret in value:
                 value = value.replace(secret, REDACTED)
-        if "?" in value and "://" in value:
-            value = _SIGNED_QUERY.sub(r"\1?<redacted>", value)
+        if "://" in value:
+            if "@" in value:
+                value = _USERINFO.sub(r"\1***@", value)
+            if "?" in value:
+                value = _SIGNED_QUERY.sub(r"\1?<redacted>", value)
         return value
 
     def _clean(self, value: Any, key: str | None = None) -> Any:
@@ -119,10 +125,11 @@ def configure_logging(
         if json_lines
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
+    stamp = UtcTimestamper()
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
-            UtcTimestamper(),
+            stamp,
             structlog.processors.format_exc_info,
             redactor,  # after exception formatting, so tracebacks are redacted too
             renderer,
@@ -133,6 +140,19 @@ def configure_logging(
         # first configuration (an uncached one rebuilds itself on every call).
         cache_logger_on_first_use=True,
     )
-    # Libraries that log through the stdlib (httpx logs full URLs at INFO) stay quiet.
-    for name in ("httpx", "httpcore", "aiohttp"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # Records of libraries that log through the standard library go the same way.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_log_level, stamp],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                redactor,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(max(level, logging.WARNING))  # libraries' INFO would name full URLs

@@ -9,6 +9,7 @@ is called; prometheus_client is imported then, not when a batch run starts.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -49,10 +50,22 @@ _CALLS = _CounterSpec(
 )
 _RETRIES = _CounterSpec("orchestrator_gateway_retries", "Gateway retries", ("endpoint",))
 _POLLS = _CounterSpec("orchestrator_polls", "Status polls of finetunes")
+_UNOBSERVED = _CounterSpec(
+    "orchestrator_unreadable_polls", "Polls whose answer could not be read (observed again)"
+)
 _UPLOAD_BYTES = _CounterSpec("orchestrator_upload_bytes", "Bytes uploaded to signed URLs")
 _UPLOAD_SECONDS = _CounterSpec("orchestrator_upload_seconds", "Seconds spent uploading")
 _UPLOADS = _CounterSpec("orchestrator_uploads", "Completed uploads")
-_COUNTERS = (_TRANSITIONS, _CALLS, _RETRIES, _POLLS, _UPLOAD_BYTES, _UPLOAD_SECONDS, _UPLOADS)
+_COUNTERS = (
+    _TRANSITIONS,
+    _CALLS,
+    _RETRIES,
+    _POLLS,
+    _UNOBSERVED,
+    _UPLOAD_BYTES,
+    _UPLOAD_SECONDS,
+    _UPLOADS,
+)
 
 
 class _Counts:
@@ -86,6 +99,7 @@ class Metrics:
         self.job_counts: dict[str, int] = {}  # by state, as of the last scrape
         self.manifest_errors = 0  # manifests that failed to load
         self.uploads: dict[str, UploadProgress] = {}
+        self.recent_failures: deque[tuple[str, str]] = deque(maxlen=5)  # (job, reason)
 
     # -- gateway client observer
     def gateway_call(self, endpoint: str, status: int | None, seconds: float) -> None:
@@ -101,6 +115,12 @@ class Metrics:
 
     def polled(self) -> None:
         self.counts.add(_POLLS)
+
+    def unobserved(self) -> None:
+        self.counts.add(_UNOBSERVED)
+
+    def failed(self, name: str, reason: str) -> None:
+        self.recent_failures.append((name, reason))
 
     def uploaded(self, size: int, seconds: float) -> None:
         self.counts.add(_UPLOAD_BYTES, amount=size)

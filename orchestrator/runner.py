@@ -1,26 +1,50 @@
-"""Wiring shared by ``run`` and the daemon: a manifest's clients, lifecycle and engine."""
+"""The use cases the CLI and the daemon share: wiring a gateway's engine, running a
+manifest as a batch (with signals), and cancelling jobs.
+
+Every change to a job goes through an engine's driver and the transition table; the
+CLI only parses flags and prints what these return.
+"""
 
 from __future__ import annotations
 
+import os
 import random
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
 import anyio
+import structlog
 
-from orchestrator.engine import Engine
+from orchestrator.engine import Engine, RunSummary
 from orchestrator.errors import AuthError, GatewayError, InputError, RetryableError
 from orchestrator.gateway import GatewayClient
-from orchestrator.lifecycle import Lifecycle
-from orchestrator.manifest import Manifest
+from orchestrator.lifecycle import JobRun, Lifecycle
+from orchestrator.logs import Redactor
+from orchestrator.manifest import JobSpec, Manifest, load_manifest
 from orchestrator.metrics import Metrics
+from orchestrator.plan import PlannedJob, inspect_datasets, plan_in_chunks
 from orchestrator.settings import EngineSettings
-from orchestrator.store import CheckpointStore
+from orchestrator.states import JobRecord
+from orchestrator.statuses import StatusMap, default_status_map
+from orchestrator.store import CheckpointStore, OwnerLock, SqliteStore
 from orchestrator.upload import storage_client
 
+log = structlog.get_logger("engine")
 
-def gateway_of(manifest: Manifest) -> tuple[str, str]:
-    """The base URL and API key a manifest runs against, or a clear InputError."""
+
+@dataclass(frozen=True)
+class Gateway:
+    """Where jobs are sent: a base URL and the key it takes."""
+
+    base_url: str
+    api_key: str
+
+
+def gateway_of(manifest: Manifest) -> Gateway:
+    """The gateway a manifest runs against, or a clear InputError."""
     if not manifest.base_url:
         raise InputError(
             f"{manifest.path}: no gateway: set gateway.base_url in the manifest or PORTKEY_BASE_URL"
@@ -29,7 +53,7 @@ def gateway_of(manifest: Manifest) -> tuple[str, str]:
         raise InputError(
             f"{manifest.path}: no API key: set gateway.api_key in the manifest or PORTKEY_API_KEY"
         )
-    return manifest.base_url, manifest.api_key
+    return Gateway(manifest.base_url, manifest.api_key)
 
 
 async def check_gateway(client: GatewayClient) -> None:
@@ -47,28 +71,31 @@ async def check_gateway(client: GatewayClient) -> None:
         raise InputError(f"gateway {client.base_url}: {exc.message}") from None
 
 
-async def preflight(manifest: Manifest, settings: EngineSettings) -> None:
+async def preflight(gateway: Gateway, settings: EngineSettings) -> None:
     """``check_gateway`` with a client of its own, before anything is opened or stored."""
-    base_url, api_key = gateway_of(manifest)
-    async with GatewayClient(base_url, api_key, settings.client) as client:
+    async with GatewayClient(gateway.base_url, gateway.api_key, settings.client) as client:
         await check_gateway(client)
 
 
 @asynccontextmanager
 async def open_engine(
-    manifest: Manifest,
+    gateway: Gateway,
+    statuses: StatusMap,
     store: CheckpointStore,
     settings: EngineSettings,
     metrics: Metrics,
     *,
     until: str = "done",
     preflight: bool = True,
+    keep_finished: bool = True,
+    redactor: Redactor | None = None,
     seed: int | None = None,
 ) -> AsyncIterator[Engine]:
-    base_url, api_key = gateway_of(manifest)
     rng = random.Random(seed)
     async with (
-        GatewayClient(base_url, api_key, settings.client, observer=metrics, rng=rng) as client,
+        GatewayClient(
+            gateway.base_url, gateway.api_key, settings.client, observer=metrics, rng=rng
+        ) as client,
         storage_client(settings.upload, settings.client.http_client) as storage,
     ):
         if preflight:
@@ -77,7 +104,7 @@ async def open_engine(
             client=client,
             storage=storage,
             store=store,
-            statuses=manifest.statuses,
+            statuses=statuses,
             settings=settings,
             metrics=metrics,
             upload_slots=anyio.Semaphore(settings.upload.concurrency, fast_acquire=True),
@@ -85,5 +112,294 @@ async def open_engine(
                 settings.upload.small_concurrency, fast_acquire=True
             ),
             rng=rng,
+            redact=redactor.text if redactor else str,
         )
-        yield Engine(lc, until=until)
+        yield Engine(lc, until=until, keep_finished=keep_finished)
+
+
+# ------------------------------------------------------------------------- run
+
+
+@dataclass
+class BatchResult:
+    summary: RunSummary
+    planned: list[PlannedJob]
+
+
+async def run_manifest(
+    manifest_path: Path,
+    state_path: Path,
+    *,
+    until: str,
+    retry_failed: bool,
+    replace: Sequence[str],
+    settings: EngineSettings,
+    redactor: Redactor,
+    live: bool,
+) -> BatchResult:
+    """``orchestrator run``: plan every job against the state file, then drive them.
+    Bad input (manifest, datasets, URL, key) raises ``InputError`` before anything is
+    stored or sent."""
+    manifest = load_manifest(manifest_path)
+    redactor.add_secret(manifest.api_key)
+    gateway = gateway_of(manifest)
+    unknown = set(replace) - {j.name for j in manifest.jobs}
+    if unknown:
+        raise InputError(f"--replace {sorted(unknown)[0]}: no such job in {manifest_path}")
+    reports = await inspect_datasets(manifest.jobs, settings.check)
+    for report in reports.values():
+        for warning in report.warnings[:5]:
+            structlog.get_logger("datasets").warning("dataset warning", warning=warning)
+    lock = OwnerLock(state_path)
+    lock.acquire()
+    planned: list[PlannedJob] = []  # every plan, as the engine takes it
+    store: SqliteStore | None = None
+    try:
+        if await anyio.Path(state_path).exists():
+            store = SqliteStore(state_path)  # a new one is created only after the preflight
+        chunks = plan_in_chunks(
+            manifest.jobs,
+            reports,
+            store.load if store else _no_records,
+            retry_failed=retry_failed,
+            replace=replace,
+        )
+        # Plan until a job needs the gateway: then one preflight, before anything is
+        # stored (a bad URL or key stores nothing, not even a new state file).
+        ahead: list[list[PlannedJob]] = []
+        async for chunk in chunks:
+            ahead.append(chunk)
+            if any(p.action.calls_gateway for p in chunk):
+                await preflight(gateway, settings)
+                break
+
+        async def every_chunk() -> AsyncIterator[list[PlannedJob]]:
+            for chunk in ahead:
+                planned.extend(chunk)
+                yield chunk
+            async for chunk in chunks:
+                planned.extend(chunk)
+                yield chunk
+
+        store = store or SqliteStore(state_path)
+        async with open_engine(
+            gateway,
+            manifest.statuses,
+            store,
+            settings,
+            Metrics(),
+            until=until,
+            preflight=False,
+            redactor=redactor,
+        ) as engine:
+            summary = await drive_with_signals(engine, every_chunk(), settings.shutdown_grace, live)
+    finally:
+        if store is not None:
+            store.close()
+        lock.release()
+    return BatchResult(summary, planned)
+
+
+async def _no_records(names: list[str]) -> dict[str, JobRecord]:
+    return {}
+
+
+async def drive_with_signals(
+    engine: Engine, planned: AsyncIterable[list[PlannedJob]], grace: float, live: bool
+) -> RunSummary:
+    """Run the batch; the first SIGINT/SIGTERM stops new steps, a second (or the grace
+    period running out) cancels what is still in flight."""
+    result: list[RunSummary] = []
+
+    async def batch(scope: anyio.CancelScope) -> None:
+        result.append(await engine.run_batch(planned))
+        scope.cancel()
+
+    async def signals(scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+            async for _ in received:
+                if engine.stopping:
+                    scope.cancel()
+                    continue  # keep receiving: a third signal is not a traceback either
+                log.warning("stopping; finishing calls in flight")
+                engine.stop()
+                scope.deadline = anyio.current_time() + grace
+
+    async def body() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(signals, tg.cancel_scope)
+            tg.start_soon(batch, tg.cancel_scope)
+
+    if live:
+        from rich.console import Console
+        from rich.live import Live
+
+        from orchestrator.view import live_renderable
+
+        with Live(
+            get_renderable=lambda: live_renderable(engine),
+            console=Console(stderr=True),
+            refresh_per_second=4,
+            transient=False,
+        ):
+            await body()
+    else:
+        await body()
+    if result:
+        return result[0]
+    summary = RunSummary(interrupted=True, fatal=engine.fatal, broken=engine.broken)
+    for name, run in engine.runs.items():
+        summary.states[name] = run.record.state
+        if run.record.error and run.record.state.value == "failed":
+            summary.errors[name] = run.record.error
+    return summary
+
+
+# ---------------------------------------------------------------------- cancel
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    name: str
+    state: str
+    message: str  # what the user reads after "NAME: "
+
+
+async def cancel_jobs(
+    state_path: Path,
+    names: Sequence[str],
+    *,
+    cancel_all: bool,
+    manifest_path: Path | None,
+    settings: EngineSettings,
+    redactor: Redactor,
+    wait: float,
+) -> list[CancelOutcome]:
+    """``orchestrator cancel``: the request goes into the store (the control plane).
+    A running engine's drivers apply it; with none, this process drives the cancels
+    itself, through the same lifecycle step."""
+    store = SqliteStore(state_path)
+    try:
+        records = await store.load(None if cancel_all else names)
+        for name in names:
+            if name not in records:
+                raise InputError(f"no such job in {state_path}: {name}")
+        outcomes = [
+            CancelOutcome(r.name, r.state.value, f"already {r.state.value}; nothing to cancel")
+            for r in sorted(records.values(), key=lambda r: r.name)
+            if r.state.terminal and not cancel_all
+        ]
+        targets = sorted(
+            (r for r in records.values() if not r.state.terminal), key=lambda r: r.name
+        )
+        if not targets:
+            return outcomes
+        lock = OwnerLock(state_path)
+        engine_running = lock.held_by_other()
+        groups = {} if engine_running else _cancel_gateways(targets, manifest_path, redactor)
+        await store.request_cancel(r.name for r in targets)
+        if engine_running:
+            await _wait_for_end(store, [r.name for r in targets], wait)
+            note = "requested; the running engine applies it"
+        else:
+            lock.acquire()
+            try:
+                with anyio.move_on_after(wait):
+                    for (gateway, statuses), records_there in groups.items():
+                        await _drive_cancels(
+                            gateway, statuses, records_there, store, settings, redactor
+                        )
+            finally:
+                lock.release()
+            note = "requested; not confirmed yet (the next run applies it)"
+        final = await store.load([r.name for r in targets])
+        for record in sorted(final.values(), key=lambda r: r.name):
+            state = record.state.value
+            if not record.state.terminal:
+                message = f"{state} ({note})"
+            elif record.state.value == "failed":
+                message = f"failed before the cancel: {record.error}"
+            elif record.state.value == "succeeded":
+                message = f"succeeded before the cancel ({record.fine_tuned_model})"
+            else:
+                message = state
+            outcomes.append(CancelOutcome(record.name, state, message))
+        return outcomes
+    finally:
+        store.close()
+
+
+def _cancel_gateways(
+    targets: Sequence[JobRecord], manifest_path: Path | None, redactor: Redactor
+) -> dict[tuple[Gateway, StatusMap], list[JobRecord]]:
+    """Each job's gateway and key: from ``--manifest``, else the environment, else the
+    manifest the job was recorded from."""
+    given = load_manifest(manifest_path) if manifest_path else None
+    env_key, env_url = os.environ.get("PORTKEY_API_KEY"), os.environ.get("PORTKEY_BASE_URL")
+    recorded: dict[str, Manifest | None] = {}
+    groups: dict[tuple[Gateway, StatusMap], list[JobRecord]] = {}
+    for record in targets:
+        manifest = given
+        if manifest is None and record.manifest:
+            if record.manifest not in recorded:
+                recorded[record.manifest] = _try_manifest(Path(record.manifest))
+            manifest = recorded[record.manifest]
+        base_url = _first(
+            given.base_url if given else None, env_url, manifest.base_url if manifest else None
+        )
+        api_key = _first(
+            given.api_key if given else None, env_key, manifest.api_key if manifest else None
+        )
+        redactor.add_secret(api_key)
+        if record.finetune_id and not api_key:
+            raise InputError(
+                f"cancel {record.name} needs the gateway's API key: set PORTKEY_API_KEY "
+                "or pass --manifest"
+            )
+        statuses = manifest.statuses if manifest else default_status_map()
+        gateway = Gateway(base_url or record.base_url, api_key or "")
+        groups.setdefault((gateway, statuses), []).append(record)
+    return groups
+
+
+def _first(*values: str | None) -> str | None:
+    return next((value for value in values if value), None)
+
+
+def _try_manifest(path: Path) -> Manifest | None:
+    try:
+        return load_manifest(path)
+    except InputError:
+        return None
+
+
+async def _drive_cancels(
+    gateway: Gateway,
+    statuses: StatusMap,
+    records: Sequence[JobRecord],
+    store: CheckpointStore,
+    settings: EngineSettings,
+    redactor: Redactor,
+) -> None:
+    async with (
+        open_engine(
+            gateway, statuses, store, settings, Metrics(), preflight=False, redactor=redactor
+        ) as engine,
+        anyio.create_task_group() as tg,
+    ):
+        runs = []
+        for record in records:
+            spec = JobSpec(record.name, "", "", "", {}, None, None, None, manifest=record.manifest)
+            run = JobRun(spec, record, cancel_requested=True)
+            engine.runs[record.name] = run
+            runs.append(run)
+        await engine.start(tg, runs)
+
+
+async def _wait_for_end(store: CheckpointStore, names: list[str], wait: float) -> None:
+    with anyio.move_on_after(wait):
+        while True:
+            fresh = await store.load(names)
+            if all(r.state.terminal for r in fresh.values()):
+                return
+            await anyio.sleep(0.2)

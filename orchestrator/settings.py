@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from orchestrator.retry import RetryPolicy
+from orchestrator.statuses import UNKNOWN_STATUS_NOTICE
 
 # "aiohttp": aiohttp's client directly, the cheapest per request; "httpx": an
 # httpx.AsyncClient over aiohttp's connection pool; "httpx-httpcore": httpx on its own
@@ -41,7 +42,8 @@ class UploadSettings:
     small_file_bytes: int = 16 * 1024 * 1024
     small_concurrency: int = 32
     block_size: int = 4 * 1024 * 1024
-    deadline: float = 6 * 3600.0  # whole-upload bound; httpx's write timeout is per block
+    deadline: float = 6 * 3600.0  # whole-upload bound
+    stall_timeout: float = 120.0  # no block sent for this long: the PUT is restarted
     retry: RetryPolicy = field(
         default_factory=lambda: RetryPolicy(initial=1.0, maximum=30.0, max_attempts=5)
     )
@@ -57,6 +59,9 @@ class PollSettings:
     maximum: float = 60.0
     validation_deadline: float = 6 * 3600.0
     training_deadline: float = 7 * 24 * 3600.0
+    # A status mapped to no phase is shown with the line that would map it once it has
+    # stayed unknown this long.
+    unknown_status_notice: float = UNKNOWN_STATUS_NOTICE
 
     def policy(self) -> RetryPolicy:
         # Polls use half-jitter-free backoff: full jitter would poll early on average,
@@ -84,6 +89,9 @@ class EngineSettings:
     # steps, not just the HTTP connections, keeps jobs moving through the pipeline in
     # order: 10,000 resumed jobs do not all persist an intent before the first one acts.
     step_concurrency: int = 64
+    # How long one step may keep failing transiently (the gateway down, answers we
+    # cannot read) before the job fails; a retry of it then adopts what was made.
+    step_deadline: float = 6 * 3600.0
     cancel_check_interval: float = 1.0
     shutdown_grace: float = 10.0
     client: ClientSettings = field(default_factory=ClientSettings)

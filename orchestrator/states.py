@@ -7,13 +7,17 @@
 ``s3_key`` jobs go from ``dataset_created`` straight to ``dataset_ready``; a job whose
 dataset content was already uploaded goes from ``pending`` straight to ``dataset_ready``.
 ``failed`` and ``cancelled`` are reachable from every state that is not terminal.
+
+Adoption: a finetune observed further along than the job's state (an idempotent replay
+after a lost state file, a start that happened before a crash) is followed from where
+the gateway says it is, so the observing states may jump ahead.
 """
 
 from __future__ import annotations
 
 import enum
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 
@@ -43,17 +47,22 @@ class State(enum.StrEnum):
 
 TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
 
+_ADOPTED = frozenset({State.VALIDATING, State.VALIDATED, State.TRAINING, State.SUCCEEDED})
+
 _FORWARD: dict[State, frozenset[State]] = {
     State.PENDING: frozenset({State.DATASET_CREATED, State.DATASET_READY}),
     # A self-loop: the signed URL expired or was lost in a restart, so a fresh dataset.
     State.DATASET_CREATED: frozenset({State.DATASET_CREATED, State.UPLOADED, State.DATASET_READY}),
     State.UPLOADED: frozenset({State.DATASET_READY}),
     State.DATASET_READY: frozenset({State.FINETUNE_CREATED}),
-    State.FINETUNE_CREATED: frozenset({State.DATASET_ATTACHED}),
-    State.DATASET_ATTACHED: frozenset({State.VALIDATING}),
-    State.VALIDATING: frozenset({State.VALIDATED}),
-    # A start observed to have happened already is adopted: validated -> training either way.
-    State.VALIDATED: frozenset({State.TRAINING}),
+    # Each state that observes the finetune may adopt what the gateway says (a finetune
+    # found further along is never re-attached, which would reset it).
+    State.FINETUNE_CREATED: frozenset({State.DATASET_ATTACHED}) | _ADOPTED,
+    State.DATASET_ATTACHED: _ADOPTED,
+    State.VALIDATING: _ADOPTED - {State.VALIDATING},
+    # Validated -> training either way (sent, or a start observed to have happened); a
+    # finetune the gateway shows validating again is followed there.
+    State.VALIDATED: _ADOPTED - {State.VALIDATED},
     State.TRAINING: frozenset({State.SUCCEEDED}),
 }
 
@@ -92,9 +101,15 @@ class JobRecord:
     upload_md5: str | None = None
     abandoned_datasets: tuple[str, ...] = ()
     finetune_id: str | None = None
+    abandoned_finetunes: tuple[str, ...] = ()  # replaced or retried: cancelled, kept on record
     remote_status: str | None = None
+    unknown_status_since: float | None = None  # remote_status is mapped to no phase
     fine_tuned_model: str | None = None
     error: str | None = None
+    # Failed on our side (a deadline, an internal error), not by the gateway's word: what
+    # the gateway made for this attempt may be alive, so a retry replays the same
+    # idempotency keys and adopts it instead of making another.
+    adoptable: bool = False
     poll_attempt: int = 0
     next_poll_at: float | None = None  # wall clock, so it survives a restart
     phase_started_at: float | None = None  # when validating/training began, for deadlines
@@ -103,20 +118,7 @@ class JobRecord:
 
     def evolve(self, **changes: Any) -> JobRecord:
         """A copy with ``changes`` and a fresh ``updated_at``."""
-        unknown = changes.keys() - _RECORD_FIELDS
-        if unknown:
-            raise TypeError(f"JobRecord has no field {sorted(unknown)[0]!r}")
-        # What dataclasses.replace does, without re-running __init__ field by field: a
-        # job evolves a dozen times, and 10,000 jobs are loaded at once on a resume.
-        values = {**self.__dict__, **changes, "updated_at": time.time()}
-        return JobRecord.from_fields(values)
-
-    @staticmethod
-    def from_fields(values: dict[str, Any]) -> JobRecord:
-        """A record from a mapping of every field, already typed (a store row)."""
-        record = object.__new__(JobRecord)
-        record.__dict__.update(values)
-        return record
+        return replace(self, **changes, updated_at=time.time())
 
     def public(self) -> dict[str, Any]:
         """The shape of ``status --json`` and the daemon's ``/jobs``."""
@@ -130,6 +132,10 @@ class JobRecord:
             "error": self.error,
             "s3_key": self.s3_key,
             "abandoned_datasets": list(self.abandoned_datasets),
+            "abandoned_finetunes": list(self.abandoned_finetunes),
+            "unknown_status_since": _iso(self.unknown_status_since)
+            if self.unknown_status_since
+            else None,
             "attempt": self.attempt,
             "manifest": self.manifest,
             "created_at": _iso(self.created_at),
@@ -144,9 +150,6 @@ class Transition:
     new: State
     at: float
     detail: str | None = None
-
-
-_RECORD_FIELDS = frozenset(f.name for f in fields(JobRecord))
 
 
 def _iso(ts: float) -> str:

@@ -2,7 +2,7 @@
 
 ``CheckpointStore`` is the small interface the engine and the CLI use; ``SqliteStore``
 is the embedded default (WAL, mode 0600, versioned schema) and ``MemoryStore`` serves
-unit tests. A PostgreSQL backend would implement the same seven calls.
+unit tests. Every failure of the file itself is a ``StoreError`` naming it.
 
 Writes are group-committed: every ``save`` waits until its row is durable, but all the
 saves that arrive while one commit is in flight share the next commit, so hundreds of
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import operator
 import os
 import sqlite3
 import threading
@@ -27,10 +26,10 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from orchestrator.errors import InputError, StateLockedError
+from orchestrator.errors import StateLockedError, StoreError
 from orchestrator.states import JobRecord, State, Transition
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -79,26 +78,25 @@ class CheckpointStore(Protocol):
 # ------------------------------------------------------------------ row mapping
 
 _FIELDS = [f.name for f in fields(JobRecord)]
-_VALUES = operator.attrgetter(*_FIELDS)
-_STATE_AT = _FIELDS.index("state")
-_ABANDONED_AT = _FIELDS.index("abandoned_datasets")
+_LISTS = ("abandoned_datasets", "abandoned_finetunes")  # stored as JSON arrays
 
 
 def _to_row(record: JobRecord) -> tuple[Any, ...]:
-    # Every save builds one: attrgetter and two fix-ups cost a third of a loop over fields.
-    row = list(_VALUES(record))
-    row[_STATE_AT] = record.state.value
-    abandoned = record.abandoned_datasets
-    row[_ABANDONED_AT] = json.dumps(list(abandoned)) if abandoned else "[]"
+    values = vars(record)
+    row = [values[name] for name in _FIELDS]
+    row[_FIELDS.index("state")] = record.state.value
+    for name in _LISTS:
+        row[_FIELDS.index(name)] = json.dumps(list(values[name]))
     return tuple(row)
 
 
 def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
     values = dict(zip(_FIELDS, row, strict=True))
     values["state"] = State(values["state"])
-    raw = values["abandoned_datasets"]  # the one field stored as JSON
-    values["abandoned_datasets"] = tuple(json.loads(raw)) if raw and raw != "[]" else ()
-    return JobRecord.from_fields(values)
+    values["adoptable"] = bool(values["adoptable"])
+    for name in _LISTS:
+        values[name] = tuple(json.loads(values[name] or "[]"))
+    return JobRecord(**values)
 
 
 _SCHEMA = f"""
@@ -117,9 +115,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     upload_md5 TEXT,
     abandoned_datasets TEXT NOT NULL,
     finetune_id TEXT,
+    abandoned_finetunes TEXT NOT NULL DEFAULT '[]',
     remote_status TEXT,
+    unknown_status_since REAL,
     fine_tuned_model TEXT,
     error TEXT,
+    adoptable INTEGER NOT NULL DEFAULT 0,
     poll_attempt INTEGER NOT NULL,
     next_poll_at REAL,
     phase_started_at REAL,
@@ -145,6 +146,15 @@ CREATE TABLE IF NOT EXISTS datasets (
 );
 INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}');
 """
+
+# From each version to the next; a state file is brought up to date when it is opened.
+_MIGRATIONS: dict[int, str] = {
+    1: """
+ALTER TABLE jobs ADD COLUMN abandoned_finetunes TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE jobs ADD COLUMN unknown_status_since REAL;
+ALTER TABLE jobs ADD COLUMN adoptable INTEGER NOT NULL DEFAULT 0;
+""",
+}
 
 _UPSERT = (
     f"INSERT INTO jobs ({', '.join(_FIELDS)}) VALUES ({', '.join('?' for _ in _FIELDS)}) "
@@ -176,27 +186,21 @@ class SqliteStore:
     def __init__(self, path: Path, linger: float = 0.005) -> None:
         self.path = path
         self.linger = linger
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            # Created 0600 before SQLite opens it: job ids and errors are nobody else's.
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                # Created 0600 before SQLite opens it: job ids and errors are nobody else's.
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create the state file: {exc.strerror}") from None
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA busy_timeout = 10000")
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.executescript(_SCHEMA)
-            version = int(
-                self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[
-                    0
-                ]
-            )
-        except sqlite3.DatabaseError as exc:
-            raise InputError(f"{path}: not a usable state file ({exc})") from None
-        if version != SCHEMA_VERSION:
-            raise InputError(
-                f"{path}: state schema version {version}, this orchestrator reads {SCHEMA_VERSION}"
-            )
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: not a usable state file ({exc})") from None
         self._thread_lock = threading.Lock()
         self._limiter = anyio.CapacityLimiter(1)
         self._pending: list[_Write] = []
@@ -209,6 +213,28 @@ class SqliteStore:
         self._leader_done = anyio.Event()
         self.commits = 0  # observable by tests and the benchmark
 
+    def _migrate(self) -> None:
+        db = self._db
+        db.executescript(_SCHEMA)  # creates what is missing; a new file is at the latest
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            version = int(row[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path}: state schema version {version} is newer than this "
+                    f"orchestrator's ({SCHEMA_VERSION}); upgrade the orchestrator"
+                )
+            while version < SCHEMA_VERSION:
+                for statement in filter(str.strip, _MIGRATIONS[version].split(";")):
+                    db.execute(statement)
+                version += 1
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
     def close(self) -> None:
         with self._thread_lock:
             self._db.close()
@@ -216,7 +242,10 @@ class SqliteStore:
     async def _run(self, fn: Any, *args: Any) -> Any:
         def locked() -> Any:
             with self._thread_lock:
-                return fn(*args)
+                try:
+                    return fn(*args)
+                except sqlite3.Error as exc:
+                    raise StoreError(f"{self.path}: {exc}") from None
 
         return await anyio.to_thread.run_sync(locked, limiter=self._limiter)
 
@@ -478,8 +507,13 @@ class OwnerLock:
         self._handle: IO[str] | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")  # noqa: SIM115 - held for the process's lifetime
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+")  # noqa: SIM115 - held for the process's lifetime
+        except OSError as exc:
+            raise StoreError(
+                f"{self.path.with_suffix('')}: cannot use the state file: {exc.strerror}"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

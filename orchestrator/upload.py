@@ -2,8 +2,10 @@
 
 The storage host gets only what the signed URL needs: a separate HTTP client with no
 gateway headers and no redirects. MD5 is computed while streaming and checked against
-the ETag. 5xx, timeouts and resets restart the PUT from byte 0; an expired URL is
-reported as such so the lifecycle can ask for a fresh dataset.
+the ETag, and SHA-256 too, so the caller can tell whether the bytes that went up are
+the ones it checked. 5xx, timeouts, resets and an upload that stops making progress
+restart the PUT from byte 0; an expired URL is reported as such so the lifecycle can
+ask for a fresh dataset.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ ProgressCallback = Callable[[int], None]  # bytes sent since the last call; nega
 class UploadResult:
     key: str
     md5: str
+    sha256: str  # of the bytes sent
     size: int
     seconds: float
     attempts: int
@@ -102,11 +105,14 @@ class _FileBody:
         self._handle, self._size, self._block = handle, size, block
         self._progress = progress
         self.md5 = hashlib.md5()
+        self.sha256 = hashlib.sha256()
         self.sent = 0
+        self.on_block: Callable[[], None] = lambda: None  # a block is on its way
 
     def _read(self, n: int) -> bytes:
         data = self._handle.read(n)
         self.md5.update(data)
+        self.sha256.update(data)
         return data
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -119,12 +125,13 @@ class _FileBody:
             self.sent += len(data)
             if self._progress:
                 self._progress(len(data))
+            self.on_block()
             yield data
 
 
-def _size_and_small_body(path: Path, block: int) -> tuple[int, tuple[bytes, str] | None]:
-    """The file's size and, when it fits in one block, its bytes and MD5: a small
-    dataset costs one worker-thread hop instead of two and goes out as one buffer."""
+def _size_and_small_body(path: Path, block: int) -> tuple[int, tuple[bytes, str, str] | None]:
+    """The file's size and, when it fits in one block, its bytes, MD5 and SHA-256: a
+    small dataset goes out as one buffer, read in one worker-thread hop."""
     size = path.stat().st_size
     if size > block:
         return size, None
@@ -132,7 +139,7 @@ def _size_and_small_body(path: Path, block: int) -> tuple[int, tuple[bytes, str]
         data = handle.read(size)
     if len(data) != size:
         raise UploadError("the dataset file shrank while it was being uploaded")
-    return size, (data, hashlib.md5(data).hexdigest())
+    return size, (data, hashlib.md5(data).hexdigest(), hashlib.sha256(data).hexdigest())
 
 
 async def upload_dataset(
@@ -152,33 +159,42 @@ async def upload_dataset(
     shown = redact_url(signed_url)
     started = time.monotonic()
     attempts = 0
+    stall = settings.stall_timeout
 
     async def put(body: bytes | _FileBody) -> Reply:
-        try:
-            # Content-Length explicit, or an iterator would go out with chunked encoding.
-            return await storage.send("PUT", signed_url, body, {"Content-Length": str(size)})
-        except NoAnswer as exc:
-            _rewind(progress, size if isinstance(body, bytes) else body.sent)
-            # Not the transport's words: they may quote the signed URL.
-            what = "timed out" if exc.what == "timed out" else f"failed: {exc.cause}"
-            raise RetryableError("upload", f"PUT {shown} {what}") from None
+        # Bytes moving push the watchdog's deadline on; a transfer that stops for
+        # ``stall`` seconds is cut and restarted instead of waiting out the deadline.
+        with anyio.CancelScope(deadline=anyio.current_time() + stall) as watchdog:
+            if isinstance(body, _FileBody):
+                body.on_block = lambda: setattr(watchdog, "deadline", anyio.current_time() + stall)
+            try:
+                # Content-Length explicit, or an iterator would go out chunked.
+                return await storage.send("PUT", signed_url, body, {"Content-Length": str(size)})
+            except NoAnswer as exc:
+                _rewind(progress, size if isinstance(body, bytes) else body.sent)
+                # Not the transport's words: they may quote the signed URL.
+                what = "timed out" if exc.what == "timed out" else f"failed: {exc.cause}"
+                raise RetryableError("upload", f"PUT {shown} {what}") from None
+        _rewind(progress, size if isinstance(body, bytes) else body.sent)
+        raise RetryableError("upload", f"PUT {shown} made no progress for {stall:g}s")
 
-    async def attempt() -> str:
+    async def attempt() -> tuple[str, str]:
         nonlocal attempts
         attempts += 1
         if small is not None:
-            data, md5 = small
+            data, md5, sha256 = small
             if progress:
                 progress(size)
-            return _check_response(await put(data), md5, shown, progress, size)
+            return _check_response(await put(data), md5, shown, progress, size), sha256
         with path.open("rb") as handle:
             body = _FileBody(handle, size, settings.block_size, progress)
             reply = await put(body)
-        return _check_response(reply, body.md5.hexdigest(), shown, progress, body.sent)
+        md5 = _check_response(reply, body.md5.hexdigest(), shown, progress, body.sent)
+        return md5, body.sha256.hexdigest()
 
     try:
         with anyio.fail_after(settings.deadline):
-            md5 = await call_with_retries(settings.retry, attempt, rng=rng)
+            md5, sha256 = await call_with_retries(settings.retry, attempt, rng=rng)
     except TimeoutError:
         raise UploadError(
             f"upload to {shown} did not finish within {settings.deadline:g}s"
@@ -187,7 +203,7 @@ async def upload_dataset(
         raise UploadError(
             f"upload to {shown} failed after {attempts} attempts: {exc.message}"
         ) from None
-    return UploadResult(key, md5, size, time.monotonic() - started, attempts)
+    return UploadResult(key, md5, sha256, size, time.monotonic() - started, attempts)
 
 
 def _rewind(progress: ProgressCallback | None, sent: int) -> None:

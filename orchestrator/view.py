@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -10,7 +11,8 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.states import State
+from orchestrator.states import JobRecord, State
+from orchestrator.statuses import UNKNOWN_STATUS_NOTICE, Phase, suggestion
 
 if TYPE_CHECKING:
     from orchestrator.engine import Engine
@@ -24,13 +26,31 @@ def _size(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def unknown_status_note(record: JobRecord, now: float | None = None) -> str | None:
+    """For a job whose gateway status has stayed unknown for minutes: what it is, and
+    the manifest line that would map it."""
+    since = record.unknown_status_since
+    if since is None or record.remote_status is None:
+        return None
+    age = (now or time.time()) - since
+    if age < UNKNOWN_STATUS_NOTICE:
+        return None
+    waiting = Phase.VALIDATING if record.state is State.VALIDATING else Phase.TRAINING
+    return (
+        f"{record.name}: status {record.remote_status!r} unknown for {age / 60:.0f} min; "
+        f"add to the manifest: {suggestion(record.remote_status, waiting)}"
+    )
+
+
 def live_renderable(engine: Engine) -> Any:
-    """Jobs by state, then one line per upload in flight (bytes, rate, time left)."""
+    """Jobs by state, uploads in flight (bytes, rate, time left), unknown statuses and
+    the last failures with their reasons."""
     counts = Counter(run.record.state for run in engine.runs.values())
     states = Table.grid(padding=(0, 2))
     states.add_row(*[Text(s.value, style="bold") for s in State if counts.get(s)])
     states.add_row(*[str(counts[s]) for s in State if counts.get(s)])
-    parts: list[Any] = [Text(f"{len(engine.runs)} jobs", style="bold"), states]
+    jobs = len(engine.runs)
+    parts: list[Any] = [Text(f"{jobs} job{'' if jobs == 1 else 's'}", style="bold"), states]
     uploads = list(engine.lc.metrics.uploads.items())
     if uploads:
         table = Table("upload", "sent", "rate", "left", box=None, padding=(0, 2))
@@ -38,6 +58,12 @@ def live_renderable(engine: Engine) -> Any:
             eta = f"{p.eta:.0f}s" if p.eta is not None else "-"
             table.add_row(name, f"{_size(p.sent)} / {_size(p.total)}", f"{_size(p.rate)}/s", eta)
         parts.append(table)
+    now = time.time()
+    notes = [note for run in engine.runs.values() if (note := unknown_status_note(run.record, now))]
+    for note in notes[:5]:
+        parts.append(Text(engine.lc.redact(note), style="yellow"))
+    for name, reason in engine.lc.metrics.recent_failures:
+        parts.append(Text(engine.lc.redact(f"failed {name}: {reason}"), style="red"))
     if engine.stopping:
         parts.append(Text("stopping: finishing calls in flight...", style="yellow"))
     return Group(*parts)

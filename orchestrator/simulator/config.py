@@ -7,6 +7,19 @@ from typing import Any
 
 DEFAULT_API_KEY = "sim-secret-key"
 
+# What an odd answer can be. Before: the request is not handled. After: it is handled,
+# then the answer is spoiled. GET only: a one-off 404, or the object without its fields.
+ODD_ANSWERS = {
+    "html_200": "before",  # an HTML page with 200, as a proxy's login or error page
+    "html_502": "before",  # a proxy's HTML 502
+    "cut_before": "before",  # JSON cut short; the gateway never acted
+    "success_false": "before",  # {"success": false} with 200
+    "cut_after": "after",  # the gateway acted, then its JSON was cut short
+    "no_data": "after",  # {"success": true} without data
+    "no_fields": "get",  # data without its id and status
+    "not_found": "get",  # a one-off 404 for an object that exists
+}
+
 
 @dataclass
 class SimConfig:
@@ -22,6 +35,16 @@ class SimConfig:
     retry_after: float = 0.2
     drop_rate: float = 0.0  # connection dropped before the request is handled
     lost_response_rate: float = 0.0  # handled, then the connection dropped
+    # Answers a real deployment may give that no documentation promises, each a
+    # probability per gateway request; the kind is drawn from ``odd_answer_kinds``
+    # (comma-separated, default all of ``ODD_ANSWERS``).
+    odd_answer_rate: float = 0.0
+    odd_answer_kinds: str = ""
+    # How finetune statuses are spelled: "documented" (the strings in world.py),
+    # "alternative" (other plausible spellings, double-l "successfull" included) or
+    # "unknown" (a finished training reported with a string no map knows).
+    status_spelling: str = "documented"
+    error_shape: str = "string"  # how a finetune's error is given: "string" or "object"
     storage_error_rate: float = 0.0  # 500/503 from the upload route
     storage_latency: float = 0.0  # before the upload route looks at a request
     # Lifecycle timings (seconds) and failure rates.

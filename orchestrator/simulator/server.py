@@ -22,7 +22,7 @@ from xml.sax.saxutils import escape
 from aiohttp import web
 
 from orchestrator.simulator import world as w
-from orchestrator.simulator.config import SimConfig
+from orchestrator.simulator.config import ODD_ANSWERS, SimConfig
 from orchestrator.simulator.signing import UrlSigner
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -38,6 +38,36 @@ def _failure(status: int, message: str, headers: dict[str, str] | None = None) -
     return web.json_response(
         {"success": False, "error": {"message": message}}, status=status, headers=headers
     )
+
+
+def _odd_response(kind: str) -> web.Response:
+    """An answer given instead of handling the request."""
+    if kind in ("html_200", "html_502"):
+        page = "<html><head><title>Gateway</title></head><body>Please wait</body></html>"
+        return web.Response(
+            status=200 if kind == "html_200" else 502, text=page, content_type="text/html"
+        )
+    if kind == "success_false":
+        return web.json_response({"success": False})
+    if kind == "not_found":
+        return _failure(404, "not found")
+    return web.Response(status=200, body=b'{"success": true, "da', content_type="application/json")
+
+
+def _spoiled(kind: str, response: web.Response) -> web.Response:
+    """A handled request's answer, spoiled after the fact."""
+    body = response.body if isinstance(response.body, bytes) else b""
+    if kind == "cut_after":
+        return web.Response(
+            status=200, body=body[: len(body) // 2], content_type="application/json"
+        )
+    if kind == "no_data":
+        return web.json_response({"success": True})
+    data = json.loads(body).get("data")  # no_fields
+    if isinstance(data, dict):
+        data.pop("id", None)
+        data.pop("status", None)
+    return web.json_response({"success": True, "data": data})
 
 
 def _s3_error(status: int, code: str, message: str) -> web.Response:
@@ -145,13 +175,34 @@ class Simulator:
             status = rng.choice((500, 502, 503))
             self.journal.faults[str(status)] += 1
             return _failure(status, "injected server error")
+        odd = self._odd_answer(request) if cfg.odd_answer_rate else None
+        if odd is not None and ODD_ANSWERS[odd] != "after":
+            return _odd_response(odd)
         response = await handler(request)
         name = request.get(ENDPOINT, "unknown")
         self.journal.statuses[f"{name} {response.status}"] += 1
         if cfg.lost_response_rate and rng.random() < cfg.lost_response_rate:
             self.journal.faults["lost_response"] += 1
             return self._drop(request)
+        if odd is not None and isinstance(response, web.Response) and response.status < 300:
+            return _spoiled(odd, response)
         return response
+
+    def _odd_answer(self, request: web.Request) -> str | None:
+        """The kind of odd answer this request gets, if any (counted in the journal)."""
+        cfg, rng = self.config, self.world.rng
+        if rng.random() >= cfg.odd_answer_rate:
+            return None
+        kinds = [k.strip() for k in cfg.odd_answer_kinds.split(",") if k.strip()] or list(
+            ODD_ANSWERS
+        )
+        if request.method != "GET":
+            kinds = [k for k in kinds if ODD_ANSWERS[k] != "get"]
+        if not kinds:
+            return None
+        kind = rng.choice(kinds)
+        self.journal.faults[f"odd_{kind}"] += 1
+        return kind
 
     @staticmethod
     def _drop(request: web.Request) -> web.StreamResponse:

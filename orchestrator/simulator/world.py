@@ -32,6 +32,20 @@ FAILED = "provider_finetune_failed"
 CANCELLED = "provider_finetune_cancelled"
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
+# Other spellings a deployment may use for the same statuses (SimConfig.status_spelling).
+ALTERNATIVE_SPELLING = {
+    VALIDATION_STARTED: "pk_dataset_validation_queued",
+    VALIDATION_IN_PROGRESS: "validating",
+    VALIDATION_OK: "pk_dataset_validation_successful",
+    VALIDATION_FAILED: "validation_failed",
+    QUEUED: "queued",
+    TRAINING: "running",
+    SUCCEEDED: "provider_finetune_successfull",
+    FAILED: "failed",
+    CANCELLED: "provider_finetune_canceled",
+}
+UNKNOWN_SUCCESS = "provider_finetune_done_ok"  # a spelling no status map knows
+
 
 class Conflict(Exception):
     """The call is out of order (answered 409)."""
@@ -284,12 +298,15 @@ class World:
 
     def finetune_json(self, ft: SimFinetune) -> dict[str, Any]:
         dataset = self.datasets.get(ft.training_dataset_id or "")
+        error: Any = ft.error
+        if error and self.config.error_shape == "object":
+            error = {"message": ft.error, "code": "provider_error", "param": None}
         return {
             "id": ft.id,
             "name": ft.name,
             "description": None,
             "slug": ft.slug,
-            "status": ft.status,
+            "status": self.spelled(ft.status),
             "createdAt": _iso(ft.created_at),
             "lastUpdatedAt": _iso(ft.updated_at),
             "trainingDatasetId": ft.training_dataset_id,
@@ -300,10 +317,19 @@ class World:
             "aiModelVersion": ft.override_model or ft.model,
             "aiModelType": "chat",
             "virtualKey": ft.virtual_key,
-            "error": ft.error,
+            "error": error,
             "metadata": {"trainingUnits": None, "trainingRecords": None},
             "trainingDataset": dataset.as_json() if dataset else None,
         }
+
+    def spelled(self, status: str) -> str:
+        """A status as this deployment spells it (``SimConfig.status_spelling``)."""
+        spelling = self.config.status_spelling
+        if spelling == "alternative":
+            return ALTERNATIVE_SPELLING.get(status, status)
+        if spelling == "unknown" and status == SUCCEEDED:
+            return UNKNOWN_SUCCESS
+        return status
 
 
 def _require_strings(body: dict[str, Any], *names: str) -> dict[str, str]:

@@ -89,5 +89,5 @@ def test_expired_urls_abandon_datasets_and_status_shows_them(
     assert len(job["abandoned_datasets"]) == 3  # the first three URLs; the fourth failed the job
     assert sim.journal.dataset_creates["a.jsonl"] == 4
     table = run_cli("status", "--state", str(state), env=env).stdout
-    assert "abandoned datasets" in table.splitlines()[0]
+    assert "abandoned" in table.splitlines()[0]
     assert ", ".join(job["abandoned_datasets"]) in table

@@ -17,6 +17,7 @@ from orchestrator.errors import (
     NotFoundError,
     PermanentError,
     RetryableError,
+    UnreadableAnswer,
 )
 from orchestrator.gateway import GatewayClient
 from orchestrator.retry import RetryPolicy
@@ -264,10 +265,12 @@ async def test_server_errors_without_json_are_reported(
     assert "no route" in unknown.value.message
 
 
-async def test_success_false_with_200_is_permanent_and_keeps_the_message(
+async def test_success_false_with_200_is_no_statement_and_keeps_the_message(
     client_for: ClientFactory,
 ) -> None:
-    """A gateway may answer 200 with success: false; that is a refusal, not data."""
+    """A gateway may answer 200 with success: false. The status says it worked, the body
+    says it did not: nothing can be concluded, so the call is unreadable (retried, and
+    for a poll, observed again), and the gateway's message is kept."""
     from aiohttp import web
 
     async def refuse(request: web.Request) -> web.Response:
@@ -282,9 +285,9 @@ async def test_success_false_with_200_is_permanent_and_keeps_the_message(
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     try:
         async with client_for(f"http://127.0.0.1:{port}", "key-123456") as client:
-            with pytest.raises(PermanentError) as refused:
+            with pytest.raises(UnreadableAnswer) as refused:
                 await client.get_finetune("ft_1")
     finally:
         await runner.cleanup()
-    assert refused.value.status == 200 and refused.value.message == "quota exceeded"
-    assert not isinstance(refused.value, RetryableError)
+    assert refused.value.status == 200 and "quota exceeded" in refused.value.message
+    assert isinstance(refused.value, RetryableError)

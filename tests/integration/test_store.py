@@ -10,9 +10,16 @@ from pathlib import Path
 import anyio
 import pytest
 
-from orchestrator.errors import InputError, StateLockedError
+from orchestrator.errors import StateLockedError, StoreError
 from orchestrator.states import JobRecord, State, Transition
-from orchestrator.store import CheckpointStore, MemoryStore, OwnerLock, SharedDataset, SqliteStore
+from orchestrator.store import (
+    SCHEMA_VERSION,
+    CheckpointStore,
+    MemoryStore,
+    OwnerLock,
+    SharedDataset,
+    SqliteStore,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -72,15 +79,62 @@ async def test_state_file_is_private_wal_and_versioned(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         db.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
-    with pytest.raises(InputError, match="schema version 99"):
+    with pytest.raises(StoreError, match="schema version 99 is newer"):
         SqliteStore(path)
 
 
-async def test_garbage_state_file_is_bad_input(tmp_path: Path) -> None:
+async def test_garbage_state_file_is_a_store_error(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     path.write_bytes(b"this is not a database" * 100)
-    with pytest.raises(InputError, match="not a usable state file"):
+    with pytest.raises(StoreError, match="not a usable state file"):
         SqliteStore(path)
+
+
+async def test_a_version_1_state_file_is_migrated_and_keeps_its_jobs(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:
+        db.executescript(V1_SCHEMA)
+        db.execute(
+            "INSERT INTO jobs VALUES ('a', 'f', 'training', 'm.yaml', 'http://g', 1, NULL, NULL,"
+            " 'ds_1', 'k', NULL, '[\"ds_0\"]', 'ft_1', 'provider_finetune_in_progress', NULL,"
+            " NULL, 3, 10.0, 5.0, 1.0, 2.0)"
+        )
+    store = SqliteStore(path)
+    try:
+        record = (await store.load())["a"]
+        assert (record.state, record.finetune_id, record.abandoned_datasets) == (
+            State.TRAINING,
+            "ft_1",
+            ("ds_0",),
+        )
+        assert record.abandoned_finetunes == () and record.adoptable is False
+        await store.save(record.evolve(abandoned_finetunes=("ft_0",), adoptable=True))
+        again = (await store.load())["a"]
+        assert again.abandoned_finetunes == ("ft_0",) and again.adoptable is True
+    finally:
+        store.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta").fetchone()[0] == str(SCHEMA_VERSION)
+
+
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE jobs (
+    name TEXT PRIMARY KEY, fingerprint TEXT NOT NULL, state TEXT NOT NULL,
+    manifest TEXT NOT NULL, base_url TEXT NOT NULL, attempt INTEGER NOT NULL, intent TEXT,
+    content_sha256 TEXT, dataset_id TEXT, s3_key TEXT, upload_md5 TEXT,
+    abandoned_datasets TEXT NOT NULL, finetune_id TEXT, remote_status TEXT,
+    fine_tuned_model TEXT, error TEXT, poll_attempt INTEGER NOT NULL, next_poll_at REAL,
+    phase_started_at REAL, created_at REAL NOT NULL, updated_at REAL NOT NULL
+);
+CREATE TABLE transitions (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL,
+    old_state TEXT, new_state TEXT NOT NULL, at REAL NOT NULL, detail TEXT);
+CREATE TABLE cancel_requests (name TEXT PRIMARY KEY, requested_at REAL NOT NULL);
+CREATE TABLE phase_estimates (key TEXT PRIMARY KEY, seconds REAL NOT NULL);
+CREATE TABLE datasets (content_key TEXT PRIMARY KEY, dataset_id TEXT NOT NULL,
+    s3_key TEXT NOT NULL, created_at REAL NOT NULL);
+INSERT INTO meta VALUES ('schema_version', '1');
+"""
 
 
 async def test_only_one_owner(tmp_path: Path) -> None:

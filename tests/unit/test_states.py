@@ -53,7 +53,8 @@ def test_happy_path_is_allowed_and_s3_jobs_skip_uploaded() -> None:
     ("old", "new"),
     [
         (State.PENDING, State.TRAINING),
-        (State.VALIDATING, State.TRAINING),  # never start without validated
+        (State.DATASET_READY, State.TRAINING),  # nothing is adopted before a finetune
+        (State.DATASET_ATTACHED, State.DATASET_READY),
         (State.SUCCEEDED, State.TRAINING),
         (State.TRAINING, State.VALIDATED),
         (State.CANCELLED, State.SUCCEEDED),
