@@ -6,12 +6,16 @@ few cycles, and a collection every 700 allocations cost ~8% of every command's s
 """
 
 import gc
+import sys
 
 
 def main() -> None:
     gc.disable()
-    from orchestrator.cli import main as cli_main
-
+    try:
+        from orchestrator.cli import main as cli_main
+    except KeyboardInterrupt:  # Ctrl-C while the CLI loads: no traceback either
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
     cli_main()
 
 

@@ -11,6 +11,7 @@ import gc
 import importlib.util
 import json
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import fields, replace
@@ -692,8 +693,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             ):
                 raise KeyboardInterrupt from None
             raise
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # on the way out: another is moot
+        click.echo("interrupted", err=True)
         sys.exit(130)
     except click.ClickException as exc:
         exc.show()
@@ -705,6 +707,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         where = f"{exc.filename}: " if exc.filename else ""
         click.echo(f"error: {redactor.text(where + (exc.strerror or str(exc)))}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(130)

@@ -299,7 +299,7 @@ class Engine:
                 name=spec.name,
                 fingerprint=plan.fingerprint,
                 manifest=spec.manifest,
-                base_url=self.lc.redact(self.lc.client.base_url),
+                base_url=self.lc.client.identity,
                 content_sha256=plan.report.sha256 if plan.report else None,
                 **changes,
             )

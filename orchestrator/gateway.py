@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import anyio
 import orjson
@@ -218,6 +218,13 @@ class GatewayClient:
         self._slots = anyio.Semaphore(self.settings.max_connections, fast_acquire=True)
         self._http = open_session(self.settings, self.base_url, {API_KEY_HEADER: api_key})
 
+    @property
+    def identity(self) -> str:
+        """The base URL without any user or password in it: what is stored and shown."""
+        parts = urlsplit(self.base_url)
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=host))
+
     async def __aenter__(self) -> GatewayClient:
         return self
 
@@ -301,10 +308,11 @@ class GatewayClient:
         """
         path = GET_FINETUNE.path.format(id="orchestrator-preflight-probe")
         for attempt in range(1, attempts + 1):
+            last = attempt == attempts
             try:
                 reply = await self._http.send("GET", path)
             except NoAnswer as exc:
-                if attempt == attempts:
+                if last:
                     raise RetryableError(GET_FINETUNE.name, self._describe(exc)) from None
                 await anyio.sleep(0.2 * attempt)
                 continue
@@ -313,14 +321,16 @@ class GatewayClient:
             if reply.status in (401, 403):
                 self._unwrap(GET_FINETUNE, reply)
             envelope = _json(reply.body)
-            if not isinstance(envelope, dict) or "success" not in envelope:
+            if isinstance(envelope, dict) and "success" in envelope:
+                return
+            if last:  # one odd page may be a proxy's hiccup; every answer odd is a verdict
                 raise PermanentError(
                     GET_FINETUNE.name,
                     f"{self.base_url} answered HTTP {reply.status} without the gateway's "
                     "{success, data} envelope; is the base URL right?",
                     reply.status,
                 )
-            return
+            await anyio.sleep(0.2 * attempt)
 
     # ---------------------------------------------------------------- the machinery
 

@@ -252,7 +252,7 @@ def content_key(gateway: str, spec: JobSpec, report: DatasetReport | None) -> st
 
 async def prepare_dataset(lc: Lifecycle, run: JobRun) -> None:
     """pending | dataset_created | uploaded -> dataset_ready."""
-    key = content_key(lc.client.base_url, run.spec, run.report)
+    key = content_key(lc.client.identity, run.spec, run.report)
     async with lc.content_lock(key):
         if run.record.state in (State.PENDING, State.DATASET_CREATED):
             shared = await lc.store.find_dataset(key)

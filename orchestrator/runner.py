@@ -19,7 +19,7 @@ import anyio
 import structlog
 
 from orchestrator.engine import Engine, RunSummary
-from orchestrator.errors import AuthError, GatewayError, InputError, RetryableError
+from orchestrator.errors import AuthError, GatewayError, InputError, RetryableError, StoreError
 from orchestrator.gateway import GatewayClient
 from orchestrator.lifecycle import JobRun, Lifecycle
 from orchestrator.logs import Redactor
@@ -182,17 +182,22 @@ async def run_manifest(
                 yield chunk
 
         store = store or SqliteStore(state_path)
-        async with open_engine(
-            gateway,
-            manifest.statuses,
-            store,
-            settings,
-            Metrics(),
-            until=until,
-            preflight=False,
-            redactor=redactor,
-        ) as engine:
-            summary = await drive_with_signals(engine, every_chunk(), settings.shutdown_grace, live)
+        try:
+            async with open_engine(
+                gateway,
+                manifest.statuses,
+                store,
+                settings,
+                Metrics(),
+                until=until,
+                preflight=False,
+                redactor=redactor,
+            ) as engine:
+                summary = await drive_with_signals(
+                    engine, every_chunk(), settings.shutdown_grace, live
+                )
+        except* StoreError as failed:  # mid-run: what was committed stays committed
+            summary = RunSummary(broken=str(failed.exceptions[0]))
     finally:
         if store is not None:
             store.close()

@@ -232,7 +232,8 @@ class SqliteStore:
             db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(version),))
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
 
     def close(self) -> None:
@@ -325,7 +326,8 @@ class SqliteStore:
                 )
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # SQLite rolls back by itself on a full disk or I/O error
+                db.execute("ROLLBACK")
             raise
         self.commits += 1
 

@@ -45,6 +45,9 @@ class SimConfig:
     # "unknown" (a finished training reported with a string no map knows).
     status_spelling: str = "documented"
     error_shape: str = "string"  # how a finetune's error is given: "string" or "object"
+    # A careless gateway: its 4xx messages quote the request's API key and the last
+    # signed upload URL (the orchestrator must never store or show either).
+    echo_secrets: bool = False
     storage_error_rate: float = 0.0  # 500/503 from the upload route
     storage_latency: float = 0.0  # before the upload route looks at a request
     # Lifecycle timings (seconds) and failure rates.

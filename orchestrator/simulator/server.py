@@ -89,6 +89,7 @@ class Simulator:
         self._signer: UrlSigner | None = None
         self._runner: web.AppRunner | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._last_signed_url = ""
         self.url = ""
 
     @property
@@ -235,7 +236,11 @@ class Simulator:
         try:
             return await action()
         except w.BadRequest as exc:
-            return _failure(400, str(exc))
+            message = str(exc)
+            if self.config.echo_secrets:
+                key = request.headers.get(API_KEY_HEADER, "")
+                message += f" (request key {key}; last upload URL {self._last_signed_url})"
+            return _failure(400, message)
         except w.Missing as exc:
             return _failure(404, str(exc))
         except w.Conflict as exc:
@@ -248,6 +253,7 @@ class Simulator:
             )
             assert self._signer is not None
             url = self._signer.sign(self.config.bucket, dataset.key, self.config.url_ttl)
+            self._last_signed_url = url
             return _envelope({"id": dataset.id, "signed_url": url})
 
         return await self._guarded("create_dataset", request, act)

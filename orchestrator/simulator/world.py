@@ -45,6 +45,7 @@ ALTERNATIVE_SPELLING = {
     CANCELLED: "provider_finetune_canceled",
 }
 UNKNOWN_SUCCESS = "provider_finetune_done_ok"  # a spelling no status map knows
+UNKNOWN_VIRTUAL_KEY = "vk-unknown"  # virtual keys starting so are refused (400)
 
 
 class Conflict(Exception):
@@ -160,6 +161,8 @@ class World:
         self, body: dict[str, Any], idem_key: str | None
     ) -> tuple[SimFinetune, bool]:
         fields_ = _require_strings(body, "name", "virtual_key", "provider", "model")
+        if fields_["virtual_key"].startswith(UNKNOWN_VIRTUAL_KEY):
+            raise BadRequest(f"virtual key {fields_['virtual_key']} does not exist")
         hyper = body.get("hyperparameters", {})
         if not isinstance(hyper, dict):
             raise BadRequest("hyperparameters must be an object")

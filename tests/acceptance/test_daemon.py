@@ -239,3 +239,38 @@ def test_metrics_bad_manifests_second_daemon_and_cancel(
     assert daemon.states()["m-2"] == "training"
     code, _ = daemon.terminate()
     assert code == 0
+
+
+def test_bad_manifests_never_stop_watching_and_two_sigints_end_cleanly(
+    daemon: DaemonProcess, tmp_path: Path, sim: SimulatorThread
+) -> None:
+    watch = tmp_path / "watch"
+    daemon.start()
+    (watch / "broken.yaml").write_text("jobs: [\n")  # a YAML error
+    (watch / "empty.yaml").write_bytes(b"\xff\xfe not text")
+    drop(watch / "one.yaml", manifest_jobs(tmp_path, ["one-a", "one-b"]))
+    wait_for(
+        lambda: (
+            daemon.states().get("one-b") == "succeeded"
+            and daemon.states().get("one-a") == "succeeded"
+        ),
+        "the good manifest's jobs",
+    )
+    errors = {j["name"] for j in daemon.jobs() if j["state"] == "manifest_error"}
+    assert errors == {"broken.yaml", "empty.yaml"}
+    (watch / "broken.yaml").unlink()
+    drop(watch / "two.yaml", manifest_jobs(tmp_path, ["two-a"]))
+    wait_for(lambda: daemon.states().get("two-a") == "succeeded", "a later manifest's job")
+    assert "broken.yaml" not in daemon.states()
+    # Work in flight, then Ctrl-C twice: the second cuts the grace period short.
+    sim.simulator.config.update({"latency": 0.3})
+    drop(watch / "three.yaml", manifest_jobs(tmp_path, [f"three-{i}" for i in range(20)]))
+    wait_for(lambda: sim.journal.dataset_creates["three-0.jsonl"] > 0, "work in flight")
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    daemon.process.send_signal(signal.SIGINT)
+    assert daemon.process.wait(timeout=30) == 0
+    log = daemon.log.read_text()
+    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    assert all(n == 1 for n in sim.journal.finetune_creates.values())

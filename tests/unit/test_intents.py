@@ -27,7 +27,7 @@ class RecordingGateway:
     """The two calls ``start_training`` makes, recorded in order; the remote status is
     whatever the test says, and ``/start`` can lose its response after taking effect."""
 
-    base_url = "http://gateway.test"
+    base_url = identity = "http://gateway.test"
 
     def __init__(self, status: str, lose_start_response: bool = False) -> None:
         self.status = status

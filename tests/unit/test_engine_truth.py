@@ -43,7 +43,7 @@ class ScriptedGateway:
     next GETs of the finetune return (a status, or an exception to raise); after them,
     ``status``. A status string that names no phase is just a string."""
 
-    base_url = "http://gateway.test"
+    base_url = identity = "http://gateway.test"
 
     def __init__(self, status: str = "pk_finetune_created", slug: str | None = None) -> None:
         self.status = status
