@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import checks, lifecycle, resume, store, transports, uploads
+from bench import checks, lifecycle, resume, soak, store, transports, uploads
 
 # (key, target, "max" when lower is better / "min" when higher is better, unit)
 TARGETS = [
@@ -25,6 +25,7 @@ TARGETS = [
     ("dataset_check_mb_per_s", 100, "min", "MB/s local dataset checks"),
     ("peak_rss_mib_1gib", 100, "max", "MiB peak RSS uploading 1 GiB"),
     ("peak_rss_mib_4gib", 100, "max", "MiB peak RSS uploading 4 GiB"),
+    ("soak_rss_growth", 1.05, "max", "x  daemon RSS after the last wave / after the first"),
 ]
 
 
@@ -34,7 +35,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="cold lifecycle runs (median)")
     parser.add_argument("--upload-gib", type=float, default=1.0)
     parser.add_argument(
-        "--only", choices=["checks", "uploads", "lifecycle", "store", "resume", "transports"]
+        "--only",
+        choices=["checks", "uploads", "lifecycle", "store", "resume", "transports", "soak"],
     )
     args = parser.parse_args()
     results: dict[str, Any] = {}
@@ -46,6 +48,7 @@ def main() -> None:
         "resume": lambda: resume.run(),
         "lifecycle": lambda: lifecycle.run(jobs=args.jobs, repeats=args.repeats),
         "uploads": lambda: uploads.run(size=int(args.upload_gib * 1024**3)),
+        "soak": lambda: soak.run(),
     }
     for name, suite in suites.items():
         if args.only and args.only != name:
