@@ -4,7 +4,6 @@ RSS after the last wave stays within a few percent of the RSS after the first.""
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import tempfile
@@ -35,9 +34,12 @@ def _rss_mib(pid: int) -> float:
 
 
 def _succeeded(url: str) -> int:
-    with urllib.request.urlopen(f"{url}/jobs", timeout=30) as response:
-        jobs: list[dict[str, Any]] = json.load(response)
-    return sum(1 for job in jobs if job.get("state") == "succeeded")
+    # From /metrics, not /jobs: a list of every job ever run would itself grow the RSS.
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith('orchestrator_jobs{state="succeeded"}'):
+                return int(float(line.split()[-1]))
+    return 0
 
 
 def _wait(check: Any, timeout: float) -> None:
@@ -94,6 +96,7 @@ def run(waves: int = WAVES, jobs: int = JOBS_PER_WAVE) -> dict[str, Any]:
         "soak_rss_mib_first_wave": round(rss[0], 1),
         "soak_rss_mib_last_wave": round(rss[-1], 1),
         "soak_rss_growth": round(rss[-1] / rss[0], 3),
+        "soak_rss_mib_by_wave": " ".join(f"{r:.0f}" for r in rss),
     }
 
 

@@ -162,6 +162,9 @@ class Daemon:
                     await self._load(entry)
             for path in set(self.manifests) - set(present):
                 entry = self.manifests.pop(path)
+                for name in entry.jobs:
+                    if self.owners.get(name) == path:
+                        del self.owners[name]
                 log.info(
                     "manifest removed; its jobs are not cancelled",
                     manifest=str(path),

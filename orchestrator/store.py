@@ -204,10 +204,6 @@ class SqliteStore:
         self._thread_lock = threading.Lock()
         self._limiter = anyio.CapacityLimiter(1)
         self._pending: list[_Write] = []
-        # Every shared dataset, read once: the owner lock makes this engine the only
-        # writer, and each new job asks.
-        self._datasets: dict[str, SharedDataset] | None = None
-        self._datasets_loading = anyio.Lock(fast_acquire=True)
         self._batch = _Batch()
         self._flushing = False
         self._leader_done = anyio.Event()
@@ -260,8 +256,6 @@ class SqliteStore:
         dataset: SharedDataset | None = None,
     ) -> None:
         if dataset is not None:
-            if self._datasets is not None:
-                self._datasets[dataset.content_key] = dataset
             self._pending.append(dataset)  # goes out in the record's commit
         await self._commit((record, transition))
 
@@ -387,14 +381,15 @@ class SqliteStore:
         return result
 
     async def find_dataset(self, content_key: str) -> SharedDataset | None:
-        def read() -> dict[str, SharedDataset]:
-            rows = self._db.execute("SELECT content_key, dataset_id, s3_key FROM datasets")
-            return {row[0]: SharedDataset(*row) for row in rows}
+        def read() -> SharedDataset | None:
+            row = self._db.execute(
+                "SELECT content_key, dataset_id, s3_key FROM datasets WHERE content_key = ?",
+                (content_key,),
+            ).fetchone()
+            return SharedDataset(*row) if row else None
 
-        async with self._datasets_loading:  # one read, not one per job asking at once
-            if self._datasets is None:
-                self._datasets = await self._run(read)
-        return self._datasets.get(content_key)
+        result: SharedDataset | None = await self._run(read)
+        return result
 
     async def clear_cancel(self, name: str) -> None:
         def write() -> None:
