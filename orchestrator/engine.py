@@ -36,7 +36,7 @@ from orchestrator.errors import (
 from orchestrator.lifecycle import JobRun, Lifecycle
 from orchestrator.plan import Action, PlannedJob
 from orchestrator.retry import RetryPolicy
-from orchestrator.states import JobRecord, State, Transition
+from orchestrator.states import JobRecord, State, Transition, check_transition
 
 log = structlog.get_logger("engine")
 
@@ -339,6 +339,8 @@ class Engine:
             await store.clear_cancel(spec.name)
             record = fresh(**carried)
             detail = plan.action.value
+        if old is not None:
+            check_transition(old.state, record.state)
         await store.save(
             record,
             Transition(

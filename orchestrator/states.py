@@ -69,8 +69,9 @@ _FORWARD: dict[State, frozenset[State]] = {
 TRANSITIONS: dict[State, frozenset[State]] = {
     state: (_FORWARD.get(state, frozenset()) | {State.FAILED, State.CANCELLED})
     if not state.terminal
-    # A terminal job moves again only when the user asks: --retry-failed or --replace.
-    else frozenset({State.PENDING})
+    # A terminal job moves again only when the user asks (--retry-failed, --replace, an
+    # edited spec): a new attempt starts, or fails at once when its dataset is invalid.
+    else frozenset({State.PENDING, State.FAILED})
     for state in State
 }
 

@@ -24,7 +24,8 @@ def test_every_live_state_has_a_step_and_can_fail_or_be_cancelled() -> None:
     for state in State:
         if state.terminal:
             assert state not in STEPS
-            assert TRANSITIONS[state] == {State.PENDING}
+            # Only a new attempt: pending, or failed at once for an invalid dataset.
+            assert TRANSITIONS[state] == {State.PENDING, State.FAILED}
         else:
             assert state in STEPS
             assert {State.FAILED, State.CANCELLED} <= TRANSITIONS[state]
