@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from bench.harness import Measured, cli, measure, orchestrator_env, reference_cpu_s, simulator
+from bench.transports import bare_aiohttp_cpu_per_request
 
 MINIMUM_GETS_PER_JOB = 2  # a perfect poller: one GET as validation ends, one as training ends
 
@@ -88,10 +89,13 @@ def run(
         warm: list[Measured] = []
         gets, warm_gets, requests = [], [], []
         references: list[float] = []
+        bare: list[float] = []  # aiohttp alone: CPU per request, beside each run
         # Interleaved, so a drift of the machine's speed touches every kind of run alike.
         for repeat in range(repeats):
             state = folder / f"state-{repeat}.db"
             references.append(reference_cpu_s())
+            with simulator(*flags) as sim:
+                bare.append(bare_aiohttp_cpu_per_request(sim.url))
             one.append(measured_run(manifests[1], folder / f"state-1-{repeat}.db")[0])
             measured, journal = measured_run(manifests[jobs], state)
             many.append(measured)
@@ -122,6 +126,14 @@ def run(
         results["requests_per_cpu_second"] = round(
             median(r / m.cpu for r, m in zip(requests, many, strict=True)), 0
         )
+        # The figure to watch: the orchestrator's CPU for its requests, divided by what
+        # aiohttp alone spends on as many requests, measured minutes apart in this run.
+        # Milliseconds move with this machine's speed; the ratio much less.
+        results["cpu_vs_bare_aiohttp"] = round(
+            median(m.cpu / (r * b) for m, r, b in zip(many, requests, bare, strict=True)),
+            2,
+        )
+        results["bare_aiohttp_us_per_request_runs"] = " ".join(f"{b * 1e6:.0f}" for b in bare)
         results["orchestrator_peak_rss_mib"] = round(max(m.peak_rss_mib for m in many), 1)
         results[f"makespan_{jobs}_jobs_warm_s"] = round(median(m.wall for m in warm), 2)
         results["status_gets_per_job_warm"] = round(median(warm_gets) / jobs, 2)

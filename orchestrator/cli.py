@@ -26,10 +26,8 @@ from orchestrator.errors import InputError, OrchestratorError
 from orchestrator.logs import Redactor, configure_logging
 from orchestrator.metrics import Metrics
 from orchestrator.settings import (
-    HTTP_CLIENTS,
     CheckSettings,
     EngineSettings,
-    HttpClient,
     PollSettings,
     UploadSettings,
 )
@@ -104,13 +102,6 @@ def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             default=None,
             help="Cap on gateway requests per second (default: no cap).",
         ),
-        click.option(
-            "--http-client",
-            type=click.Choice(HTTP_CLIENTS),
-            default="aiohttp",
-            show_default=True,
-            help="What carries gateway requests; `make bench` compares their CPU cost.",
-        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -124,7 +115,6 @@ def _settings(
     poll_max: float,
     min_examples: int,
     requests_per_second: float | None = None,
-    http_client: HttpClient = "aiohttp",
 ) -> EngineSettings:
     base = EngineSettings()
     return replace(
@@ -132,9 +122,7 @@ def _settings(
         client=replace(
             base.client,
             max_connections=api_concurrency,
-            max_keepalive=api_concurrency,
             requests_per_second=requests_per_second,
-            http_client=http_client,
         ),
         step_concurrency=api_concurrency,
         upload=replace(UploadSettings(), concurrency=upload_concurrency),
@@ -144,7 +132,7 @@ def _settings(
 
 
 def _run_async(fn: Callable[[], Awaitable[T]]) -> T:
-    # uvloop where it is installed (not on Windows): 12% less CPU on a 1,000-job run.
+    # uvloop where it is installed (not on Windows); docs/performance.md says why.
     uvloop = importlib.util.find_spec("uvloop") is not None
     return anyio.run(fn, backend_options={"use_uvloop": uvloop})
 
@@ -650,15 +638,12 @@ def demo(manifest_path: Path | None) -> None:
 
 
 def _tune_gc() -> None:
-    """Fewer cyclic collections: a 10,000-job manifest or state file is hundreds of
-    thousands of short-lived objects, and with the default thresholds the collector
-    took 40% of parsing it and 10% of a 1,000-job run's CPU (`make bench`). Everything
-    imported so far is frozen out of the collector's reach; cycles are still collected,
-    every 50,000 allocations instead of every 700. (``__main__`` turned the collector
-    off for the imports.)"""
+    """Fewer cyclic collections: a big manifest or state file is hundreds of thousands
+    of short-lived objects that form no cycles. What is imported by now is frozen out of
+    the collector's reach; cycles are still collected, every 50,000 allocations instead
+    of every 700 (docs/performance.md has what that bought)."""
     gc.freeze()
     gc.set_threshold(50_000, 20, 20)
-    gc.enable()
 
 
 def _redactor() -> Redactor:

@@ -5,14 +5,13 @@ here. One method per documented call. Each endpoint says whether it may be retri
 blindly: reads and PUTs may; the two creates only when an ``Idempotency-Key`` is sent;
 ``/start`` never (the lifecycle observes the finetune instead, see ``lifecycle``).
 
-Bytes move through a ``sessions.HttpSession`` (aiohttp's client by default, or an
-``httpx.AsyncClient``); everything above the bytes is the same whichever carries them.
+Bytes move through a ``sessions.HttpSession``; what an answer means is decided here:
+an answer we cannot read is ``UnreadableAnswer``, never data and never a refusal.
 """
 
 from __future__ import annotations
 
 import random
-import re
 import time
 from dataclasses import dataclass
 from types import TracebackType
@@ -44,10 +43,8 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
 class GatewayModel(BaseModel):
-    """Accepts camelCase and snake_case, keeps fields we do not know yet.
-
-    Each model's validator is built when it first validates, not at import: building
-    them took ~30 ms of every command's start, and ``status`` or ``plan`` use none."""
+    """Accepts camelCase and snake_case, keeps fields we do not know yet. Validators are
+    built when first used, not at import: ``status`` and ``plan`` use none."""
 
     model_config = ConfigDict(
         alias_generator=to_camel,
@@ -146,18 +143,6 @@ CANCEL_FINETUNE = Endpoint(
     "cancel_finetune", "POST", "/v1/finetune/{id}/cancel", retry_blindly=True
 )
 GET_FINETUNE = Endpoint("get_finetune", "GET", "/v1/finetune/{id}", retry_blindly=True)
-
-ENDPOINTS = (
-    CREATE_DATASET,
-    UPDATE_DATASET,
-    GET_DATASET,
-    CREATE_FINETUNE,
-    UPDATE_FINETUNE,
-    START_VALIDATION,
-    START_FINETUNE,
-    CANCEL_FINETUNE,
-    GET_FINETUNE,
-)
 
 
 class CallObserver(Protocol):
@@ -432,13 +417,9 @@ class GatewayClient:
             raise UnreadableAnswer(endpoint.name, f"unexpected answer: {problems}") from None
 
 
-_UNRESERVED = re.compile(r"[A-Za-z0-9._~-]+")  # what quote(safe="") leaves as it is
-
-
 def _path_segment(object_id: str) -> str:
-    """``object_id`` quoted as one path segment; gateway ids need no quoting, and
-    ``quote`` costs several times the check that says so."""
-    return object_id if _UNRESERVED.fullmatch(object_id) else quote(object_id, safe="")
+    """``object_id`` quoted as one path segment, whatever characters it holds."""
+    return quote(object_id, safe="")
 
 
 def _json(body: bytes) -> Any:
@@ -449,7 +430,6 @@ def _json(body: bytes) -> Any:
 
 
 __all__ = [
-    "ENDPOINTS",
     "CallObserver",
     "CreatedDataset",
     "CreatedFinetune",

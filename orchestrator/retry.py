@@ -1,9 +1,11 @@
-"""One retry policy shape for every kind of waiting: API retries, upload restarts, polling.
+"""One retry policy shape for every kind of waiting, and the one retry loop.
 
 Temporal's shape: initial interval, coefficient, maximum interval, maximum attempts,
-plus full jitter; a server's ``Retry-After`` wins when it sends one. Retry loops
-themselves are tenacity's, entered after a first attempt that failed
-(``call_with_retries``); this module decides how long to wait.
+plus full jitter; a server's ``Retry-After`` wins when it sends one (capped, so a
+hostile value cannot park a job for hours). ``call_with_retries`` is the loop every
+retried call goes through: gateway calls, upload restarts. The engine's step retries
+and the status polls use the same policy's ``delay`` and ``backoff``; their deadlines
+(a phase's, a step's) are the engine's.
 """
 
 from __future__ import annotations
@@ -12,14 +14,11 @@ import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TypeVar
 
 import anyio
 
 from orchestrator.errors import RetryableError
-
-if TYPE_CHECKING:
-    import tenacity
 
 
 @dataclass(frozen=True)
@@ -47,32 +46,6 @@ class RetryPolicy:
             return min(max(0.0, retry_after), self.max_retry_after)
         return self.backoff(attempt, rng)
 
-    def tenacity_kwargs(
-        self,
-        *,
-        retry_on: Callable[[BaseException], bool] | None = None,
-        rng: random.Random | None = None,
-        before_sleep: Callable[[tenacity.RetryCallState], Any] | None = None,
-        attempts_made: int = 0,
-    ) -> dict[str, Any]:
-        """Arguments for ``tenacity.AsyncRetrying`` that follow this policy, counting
-        ``attempts_made`` before tenacity took over."""
-        import tenacity  # here: a run whose calls all succeed at once never needs it
-
-        def wait(state: tenacity.RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            retry_after = exc.retry_after if isinstance(exc, RetryableError) else None
-            return self.delay(state.attempt_number + attempts_made, retry_after, rng)
-
-        predicate = retry_on or (lambda exc: isinstance(exc, RetryableError))
-        return {
-            "stop": tenacity.stop_after_attempt(max(1, self.max_attempts - attempts_made)),
-            "wait": wait,
-            "retry": tenacity.retry_if_exception(predicate),
-            "reraise": True,
-            "before_sleep": before_sleep,
-        }
-
 
 T = TypeVar("T")
 
@@ -85,29 +58,18 @@ async def call_with_retries(
     on_retry: Callable[[], None] | None = None,
 ) -> T:
     """``call()`` until it returns, trying again after a ``RetryableError`` as ``policy``
-    says. The first attempt runs outside tenacity: nearly every call succeeds at once,
-    and a retry loop per call was a measurable share of a big batch's CPU."""
-    try:
-        return await call()
-    except RetryableError as exc:
-        if policy.max_attempts <= 1:
-            raise
-        if on_retry:
-            on_retry()
-        await anyio.sleep(policy.delay(1, exc.retry_after, rng))
-
-    import tenacity  # here, not at start: most runs never retry a call
-
-    def before_sleep(_: tenacity.RetryCallState) -> None:
-        if on_retry:
-            on_retry()
-
-    async for attempt in tenacity.AsyncRetrying(
-        **policy.tenacity_kwargs(rng=rng, before_sleep=before_sleep, attempts_made=1)
-    ):
-        with attempt:
+    says, at most ``policy.max_attempts`` times in all; the last error is raised."""
+    attempt = 1
+    while True:
+        try:
             return await call()
-    raise AssertionError("unreachable: tenacity reraises")  # pragma: no cover
+        except RetryableError as exc:
+            if attempt >= policy.max_attempts:
+                raise
+            if on_retry:
+                on_retry()
+            await anyio.sleep(policy.delay(attempt, exc.retry_after, rng))
+            attempt += 1
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -96,7 +96,7 @@ async def open_engine(
         GatewayClient(
             gateway.base_url, gateway.api_key, settings.client, observer=metrics, rng=rng
         ) as client,
-        storage_client(settings.upload, settings.client.http_client) as storage,
+        storage_client(settings.upload) as storage,
     ):
         if preflight:
             await check_gateway(client)

@@ -1,10 +1,9 @@
 """What carries bytes: an HTTP session for the gateway and one for the storage host.
 
-``HttpSession`` sends one request and reads the whole answer. ``AiohttpSession`` (the
-default) is aiohttp's client; ``HttpxSession`` is an ``httpx.AsyncClient``, over aiohttp's
-pool or httpx's own. `make bench` measures the CPU per request of each: under hundreds
-of concurrent small requests httpx's client costs about three times aiohttp's, and that
-was most of the orchestrator's CPU. What the bytes mean (paths, envelopes, S3 errors)
+``HttpSession`` sends one request and reads the whole answer; ``AiohttpSession`` is the
+one implementation, aiohttp's client (the README's dependency table says why aiohttp).
+Transport failures become ``NoAnswer`` with words a person can act on ("cannot connect
+to 127.0.0.1:1: connection refused"). What the bytes mean (paths, envelopes, S3 errors)
 is ``gateway``'s and ``upload``'s business, not this module's.
 """
 
@@ -34,12 +33,23 @@ class Reply:
 
 class NoAnswer(Exception):
     """No HTTP answer came back. ``what`` is "timed out" or "connection failed"; the
-    message is the transport's own words, which may name the URL."""
+    message says what happened in plain words and never holds a URL's query string."""
 
     def __init__(self, what: str, cause: Exception) -> None:
-        super().__init__(str(cause) or f"{what} ({type(cause).__name__})")
+        super().__init__(_plain_words(what, cause))
         self.what = what
         self.cause = type(cause).__name__
+
+
+def _plain_words(what: str, cause: Exception) -> str:
+    if isinstance(cause, aiohttp.ClientConnectorError):
+        reason = cause.os_error.strerror or str(cause.os_error) or "failed"
+        return f"cannot connect to {cause.host}:{cause.port}: {reason.lower()}"
+    if isinstance(cause, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection without answering"
+    if what == "timed out":
+        return "timed out waiting for an answer"
+    return f"{what} ({type(cause).__name__})"
 
 
 class HttpSession(Protocol):
@@ -94,56 +104,8 @@ class AiohttpSession:
             await self._session.close()
 
 
-class HttpxSession:
-    """An ``httpx.AsyncClient``: over aiohttp's pool (``httpx``) or httpcore's
-    (``httpx-httpcore``)."""
-
-    def __init__(self, base_url: str, headers: Mapping[str, str], settings: ClientSettings):
-        import httpx  # imported here: ~25 ms at start for a client few runs use
-        from httpx_aiohttp import AiohttpTransport
-
-        self._timeout_error = httpx.TimeoutException
-        self._transport_error = httpx.TransportError
-
-        s = settings
-        limits = httpx.Limits(
-            max_connections=s.max_connections, max_keepalive_connections=s.max_keepalive
-        )
-        self.client = httpx.AsyncClient(
-            base_url=base_url,
-            transport=AiohttpTransport(limits=limits) if s.http_client == "httpx" else None,
-            headers=dict(headers),
-            timeout=httpx.Timeout(
-                connect=s.connect_timeout,
-                read=s.read_timeout,
-                write=s.write_timeout,
-                pool=s.pool_timeout,
-            ),
-            limits=limits,
-            follow_redirects=False,
-        )
-
-    async def send(
-        self, method: str, url: str, body: Body = None, headers: Mapping[str, str] | None = None
-    ) -> Reply:
-        try:
-            response = await self.client.request(method, url, content=body, headers=headers)
-        except self._timeout_error as exc:
-            raise NoAnswer("timed out", exc) from None
-        except self._transport_error as exc:
-            raise NoAnswer("connection failed", exc) from None
-        return Reply(
-            response.status_code, response.content, response.reason_phrase, response.headers
-        )
-
-    async def aclose(self) -> None:
-        await self.client.aclose()
-
-
 def open_session(
     settings: ClientSettings, base_url: str = "", headers: Mapping[str, str] | None = None
 ) -> HttpSession:
-    """The session ``settings.http_client`` names; close it with ``aclose``."""
-    if settings.http_client == "aiohttp":
-        return AiohttpSession(base_url, headers or {}, settings)
-    return HttpxSession(base_url, headers or {}, settings)
+    """A session for ``base_url``; close it with ``aclose``."""
+    return AiohttpSession(base_url, headers or {}, settings)

@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from orchestrator.retry import RetryPolicy
 from orchestrator.statuses import UNKNOWN_STATUS_NOTICE
-
-# "aiohttp": aiohttp's client directly, the cheapest per request; "httpx": an
-# httpx.AsyncClient over aiohttp's connection pool; "httpx-httpcore": httpx on its own
-# pool. `make bench` measures the CPU per request of each.
-HttpClient = Literal["aiohttp", "httpx", "httpx-httpcore"]
-HTTP_CLIENTS: tuple[HttpClient, ...] = ("aiohttp", "httpx", "httpx-httpcore")
 
 
 @dataclass(frozen=True)
@@ -21,14 +14,8 @@ class ClientSettings:
 
     connect_timeout: float = 10.0
     read_timeout: float = 60.0  # between bytes of an answer
-    # httpx only: aiohttp has no per-write timeout, and the client's own slots keep
-    # requests from ever waiting in a pool.
-    write_timeout: float = 60.0
-    pool_timeout: float = 60.0
-    max_connections: int = 64
-    max_keepalive: int = 32  # httpx only; aiohttp keeps up to max_connections idle
+    max_connections: int = 64  # requests wait for a slot of the client's, never in a pool
     requests_per_second: float | None = None  # None: no cap
-    http_client: HttpClient = "aiohttp"
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
 

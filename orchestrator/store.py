@@ -176,9 +176,8 @@ class SqliteStore:
     """SQLite in WAL mode. One connection, used from one worker thread at a time.
 
     A commit that would carry fewer than ``LINGER_BELOW`` saves first waits ``linger``
-    seconds for more: most of a commit's CPU is per commit, not per row, and jobs that
-    are not moving in step would otherwise commit one or two at a time (2,300 commits
-    instead of 800 for 1,000 jobs in `make bench`).
+    seconds for more: most of a commit's cost is per commit, not per row, and jobs that
+    are not moving in step would otherwise commit one or two at a time.
     """
 
     LINGER_BELOW = 32

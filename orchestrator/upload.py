@@ -27,7 +27,7 @@ import anyio.to_thread
 from orchestrator.errors import RetryableError, UploadError
 from orchestrator.retry import call_with_retries
 from orchestrator.sessions import HttpSession, NoAnswer, Reply, open_session
-from orchestrator.settings import ClientSettings, HttpClient, UploadSettings
+from orchestrator.settings import ClientSettings, UploadSettings
 
 MAX_SINGLE_PUT = 5 * 1024**3
 _S3_CODE = re.compile(rb"<Code>([^<]+)</Code>")
@@ -74,18 +74,13 @@ def redact_url(url: str) -> str:
 
 
 @asynccontextmanager
-async def storage_client(
-    settings: UploadSettings, http_client: HttpClient = "aiohttp"
-) -> AsyncIterator[HttpSession]:
+async def storage_client(settings: UploadSettings) -> AsyncIterator[HttpSession]:
     """A session for the storage host only: no gateway headers, no redirects, HTTP/1.1."""
     session = open_session(
         ClientSettings(
             connect_timeout=30.0,
             read_timeout=300.0,
-            write_timeout=300.0,  # per block; the whole upload has its own deadline
             max_connections=settings.concurrency + settings.small_concurrency,
-            max_keepalive=settings.small_concurrency,
-            http_client=http_client,
         )
     )
     try:

@@ -8,7 +8,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from orchestrator.simulator import SimulatorThread
@@ -16,6 +15,7 @@ from tests.conftest import (
     FAST_POLL,
     cli_args,
     cli_env,
+    http,
     run_cli,
     status_of,
     write_dataset,
@@ -197,12 +197,15 @@ def test_sim_stops_on_a_signal_and_removes_its_uploads(tmp_path: Path, signum: i
     assert process.stdout is not None
     url = process.stdout.readline().strip().rsplit(" ", 1)[-1]
     assert url.startswith("http://127.0.0.1:")
-    created = httpx.post(
+    body = {"name": "d.jsonl", "provider": "openai", "model": "m", "type": "training"}
+    _, answer = http(
+        "POST",
         f"{url}/v1/datasets",
-        headers={"x-portkey-api-key": "sim-key-1234"},
-        json={"name": "d.jsonl", "provider": "openai", "model": "m", "type": "training"},
-    ).json()["data"]
-    assert httpx.put(created["signed_url"], content=b"x" * 4096).status_code == 200
+        json.dumps(body).encode(),
+        {"x-portkey-api-key": "sim-key-1234", "Content-Type": "application/json"},
+    )
+    created = json.loads(answer)["data"]
+    assert http("PUT", created["signed_url"], b"x" * 4096)[0] == 200
     assert [p.name[:13] for p in data.iterdir()] == ["finetune-sim-"]  # holds the upload
     process.send_signal(signum)
     assert process.wait(timeout=20) == 0

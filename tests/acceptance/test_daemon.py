@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,6 +19,7 @@ from tests.conftest import (
     FAST,
     cli_args,
     cli_env,
+    http,
     run_cli,
     status_of,
     write_dataset,
@@ -76,14 +76,14 @@ class DaemonProcess:
 
     def _healthy(self) -> bool:
         try:
-            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
+            return http("GET", f"{self.url}/healthz", timeout=1)[0] == 200
+        except OSError:
             return False
 
     def jobs(self) -> list[dict[str, Any]]:
-        response = httpx.get(f"{self.url}/jobs", timeout=5)
-        response.raise_for_status()
-        jobs: list[dict[str, Any]] = response.json()
+        status, body = http("GET", f"{self.url}/jobs")
+        assert status == 200, body
+        jobs: list[dict[str, Any]] = json.loads(body)
         return jobs
 
     def states(self) -> dict[str, str]:
@@ -194,7 +194,7 @@ def test_metrics_bad_manifests_second_daemon_and_cancel(
     assert len(broken) == 1 and "broken.yaml:1: YAML syntax error" in broken[0]["error"]
     assert "manifest skipped" in (tmp_path / "daemon.log").read_text()
 
-    text = httpx.get(f"{daemon.url}/metrics").text
+    text = http("GET", f"{daemon.url}/metrics")[1].decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     training = [s for s in families["orchestrator_jobs"].samples if s.labels["state"] == "training"]
     assert training[0].value == 2

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
+import aiohttp
 import anyio
-import httpx
 import pytest
+import yarl
 
 from orchestrator.errors import (
     AuthError,
@@ -21,7 +21,7 @@ from orchestrator.errors import (
 )
 from orchestrator.gateway import GatewayClient
 from orchestrator.retry import RetryPolicy
-from orchestrator.settings import HTTP_CLIENTS, ClientSettings
+from orchestrator.settings import ClientSettings
 from orchestrator.simulator import SimulatorThread
 from orchestrator.upload import s3_key_from_url
 from tests.conftest import write_dataset
@@ -34,9 +34,9 @@ FAST_RETRY = ClientSettings(retry=RetryPolicy(initial=0.01, maximum=0.05, max_at
 ClientFactory = Callable[..., GatewayClient]
 
 
-@pytest.fixture(params=HTTP_CLIENTS)
-def client_for(request: pytest.FixtureRequest) -> ClientFactory:
-    """Every test here runs once per HTTP client the gateway client can carry bytes with."""
+@pytest.fixture
+def client_for() -> ClientFactory:
+    """A gateway client for the simulator (or any URL), with fast retries."""
 
     def make(
         sim: SimulatorThread | str,
@@ -45,15 +45,18 @@ def client_for(request: pytest.FixtureRequest) -> ClientFactory:
     ) -> GatewayClient:
         url = sim if isinstance(sim, str) else sim.url
         key = key or ("" if isinstance(sim, str) else sim.simulator.config.api_key)
-        return GatewayClient(url, key, replace(settings, http_client=request.param))
+        return GatewayClient(url, key, settings)
 
     return make
 
 
 async def upload(url: str, path: Path) -> None:
-    async with httpx.AsyncClient() as http:
-        response = await http.put(url, content=await anyio.Path(path).read_bytes())
-        assert response.status_code == 200, response.text
+    body = await anyio.Path(path).read_bytes()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.put(yarl.URL(url, encoded=True), data=body) as response,
+    ):
+        assert response.status == 200, await response.text()
 
 
 async def wait_status(client: GatewayClient, finetune_id: str, wanted: str) -> None:

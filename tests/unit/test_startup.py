@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-LATE = ("aiohttp", "httpx", "pydantic", "yaml", "prometheus_client", "tenacity")
+LATE = ("aiohttp", "pydantic", "yaml", "prometheus_client")
 
 
 def _late_imports_after(*modules: str) -> set[str]:
