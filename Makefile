@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test lint bench sim clean
+.PHONY: demo test lint bench sim docs clean
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,13 +23,16 @@ test: $(INSTALLED) lint
 	$(BIN)/python -m pytest
 
 lint: $(INSTALLED)
-	$(BIN)/ruff check orchestrator tests bench
-	$(BIN)/ruff format --check orchestrator tests bench
+	$(BIN)/ruff check orchestrator tests bench docs
+	$(BIN)/ruff format --check orchestrator tests bench docs
 	$(BIN)/mypy
 
 bench: $(INSTALLED)
 	$(BIN)/python -m compileall -q orchestrator  # edited since install: cached, as installed
 	$(BIN)/python -m bench
+
+docs: $(INSTALLED)
+	$(BIN)/python docs/gen_cli.py
 
 sim: $(INSTALLED)
 	$(BIN)/orchestrator sim --port 8080

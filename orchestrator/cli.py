@@ -245,14 +245,13 @@ SHOWN_FAILURES = 5  # failed jobs listed with their reasons under run's summary
 
 
 def _print_summary(result: BatchResult, redactor: Redactor) -> None:
-    from orchestrator.plan import Action
 
     summary = result.summary
     counts = summary.counts()
     line = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
     click.echo(f"{_plural(len(summary.states), 'job')}: {line or 'none'}")
     for plan in result.planned:
-        if plan.action is Action.CHANGED:
+        if plan.left_alone:
             click.echo(f"  {plan.spec.name}: {plan.describe()}")
     failed = sorted(summary.errors.items())
     for name, error in failed[:SHOWN_FAILURES]:
@@ -273,9 +272,21 @@ def _plural(n: int, word: str) -> str:
 @cli.command()
 @click.argument("manifest_path", metavar="MANIFEST", type=click.Path(path_type=Path))
 @state_option
-@click.option("--retry-failed", is_flag=True)
-@click.option("--replace", "replace_names", multiple=True, metavar="NAME")
-@click.option("--min-examples", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--retry-failed", is_flag=True, help="Plan failed jobs as retried, as `run` would.")
+@click.option(
+    "--replace",
+    "replace_names",
+    multiple=True,
+    metavar="NAME",
+    help="Plan NAME as replaced although its spec changed (repeatable).",
+)
+@click.option(
+    "--min-examples",
+    type=click.IntRange(1),
+    default=10,
+    show_default=True,
+    help="Fewest examples a dataset may have.",
+)
 def plan(
     manifest_path: Path,
     state_path: Path,
@@ -310,7 +321,13 @@ def plan(
 
 @cli.command()
 @click.argument("manifest_path", metavar="MANIFEST", type=click.Path(path_type=Path))
-@click.option("--min-examples", type=click.IntRange(1), default=10, show_default=True)
+@click.option(
+    "--min-examples",
+    type=click.IntRange(1),
+    default=10,
+    show_default=True,
+    help="Fewest examples a dataset may have.",
+)
 def validate(manifest_path: Path, min_examples: int) -> None:
     """Check MANIFEST and every local dataset it names; exit 2 on any problem."""
     import time
@@ -328,17 +345,22 @@ def validate(manifest_path: Path, min_examples: int) -> None:
     manifest, reports = _run_async(go)
     elapsed = time.monotonic() - started
     total = sum(r.size for r in reports.values())
-    errors = [e for r in reports.values() for e in r.errors]
+    problems = 0
     for r in reports.values():
         for warning in r.warnings:
             click.echo(f"warning: {warning}", err=True)
-    for error in errors:
-        click.echo(f"error: {error}", err=True)
-    if errors:
+        for error in r.errors:
+            click.echo(f"error: {error}", err=True)
+        if r.more_errors:
+            click.echo(
+                f"error: ... and {_plural(r.more_errors, 'more problem')} in {r.path}", err=True
+            )
+        problems += len(r.errors) + r.more_errors
+    if problems:
         sys.exit(2)
     rate = total / elapsed / 1e6 if elapsed > 0 else 0.0
     click.echo(
-        f"ok: {len(manifest.jobs)} jobs, {len(reports)} datasets, "
+        f"ok: {_plural(len(manifest.jobs), 'job')}, {_plural(len(reports), 'dataset')}, "
         f"{total / 1e6:.1f} MB checked at {rate:.0f} MB/s"
     )
 
@@ -549,23 +571,51 @@ def daemon(
 
 def _sim_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     # The config module alone: the simulator's server (aiohttp.web) loads only for `sim`.
-    from orchestrator.simulator.config import SimConfig
+    from orchestrator.simulator.config import HELP, SimConfig
 
     for f in reversed(fields(SimConfig)):
         default = getattr(SimConfig(), f.name)
+        flag = isinstance(default, bool)
         fn = click.option(
             f"--{f.name.replace('_', '-')}",
             f.name,
-            type=type(default),
+            type=None if flag else type(default),
+            is_flag=flag,
             default=default,
-            show_default=f.name != "api_key",
+            show_default=f.name != "api_key" and not flag,
+            help=HELP[f.name],
         )(fn)
     return fn
 
 
+def _preload(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> list[Any]:
+    pairs = []
+    for value in values:
+        key, sep, file = value.partition("=")
+        path = Path(file)
+        if not sep or not key or not path.is_file():
+            raise click.BadParameter(f"{value}: expected KEY=FILE with an existing file")
+        pairs.append((key, path))
+    return pairs
+
+
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8080, show_default=True, help="0 picks a free port.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="0: any free port.",
+)
+@click.option(
+    "--preload",
+    multiple=True,
+    metavar="KEY=FILE",
+    callback=_preload,
+    help="Put FILE in the bucket under KEY, as if uploaded before (for s3_key jobs); repeatable.",
+)
+@click.option("--access-log", is_flag=True, help="Print one line per request served.")
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -573,7 +623,14 @@ def _sim_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     help="Where uploaded objects are kept (default: a temporary folder).",
 )
 @_sim_options
-def sim(host: str, port: int, data_dir: Path | None, **config: Any) -> None:
+def sim(
+    host: str,
+    port: int,
+    data_dir: Path | None,
+    preload: list[tuple[str, Path]],
+    access_log: bool,
+    **config: Any,
+) -> None:
     """Run the gateway simulator. The first line printed says where it listens."""
     import asyncio
 
@@ -581,7 +638,7 @@ def sim(host: str, port: int, data_dir: Path | None, **config: Any) -> None:
     from orchestrator.simulator.server import serve_forever
 
     try:
-        asyncio.run(serve_forever(SimConfig(**config), host, port, data_dir))
+        asyncio.run(serve_forever(SimConfig(**config), host, port, data_dir, preload, access_log))
     except KeyboardInterrupt:
         pass
 

@@ -64,7 +64,6 @@ class Daemon:
     redactor: Redactor | None = None
     manifests: dict[Path, ManifestFile] = field(default_factory=dict)
     engines: dict[Gateway, Engine] = field(default_factory=dict)
-    owners: dict[str, Path] = field(default_factory=dict)  # job name -> manifest that owns it
     stopping: bool = False
     heartbeat: float = field(default_factory=time.monotonic)
     url: str = ""
@@ -162,9 +161,6 @@ class Daemon:
                     await self._load(entry)
             for path in set(self.manifests) - set(present):
                 entry = self.manifests.pop(path)
-                for name in entry.jobs:
-                    if self.owners.get(name) == path:
-                        del self.owners[name]
                 log.info(
                     "manifest removed; its jobs are not cancelled",
                     manifest=str(path),
@@ -189,21 +185,16 @@ class Daemon:
         gateway = gateway_of(manifest)
         if self.redactor is not None:
             self.redactor.add_secret(manifest.api_key)
-        for job in manifest.jobs:
-            owner = self.owners.get(job.name)
-            if owner is not None and owner != entry.path and owner in self.manifests:
-                raise InputError(
-                    f"{entry.path}:{job.line}: jobs ({job.name}).name: already used by {owner.name}"
-                )
         engine = await self._engine_for(manifest, gateway)
         entry.error = None
         entry.jobs = tuple(job.name for job in manifest.jobs)
-        for name in entry.jobs:
-            self.owners[name] = entry.path
         reports = await inspect_datasets(manifest.jobs, self.settings.check)
-        specs = [job for job in manifest.jobs if not engine.is_driving(job.name)]
+        # Jobs some engine drives already carry on (a manifest whose gateway changed
+        # gets a new engine; the old one keeps its jobs): one driver per job.
+        engines = list(self.engines.values())
+        specs = [j for j in manifest.jobs if not any(e.is_driving(j.name) for e in engines)]
         records = await self.store.load([job.name for job in specs])
-        planned = plan_jobs(specs, reports, records)
+        planned = await anyio.to_thread.run_sync(plan_jobs, specs, reports, records)
         runs = await engine.admit(planned, RunSummary())
         await engine.start(self._engine_groups[gateway], runs)
         log.info(
@@ -314,7 +305,12 @@ def _list_manifests(folder: Path) -> dict[Path, tuple[int, int]]:
 
 
 def parse_listen(value: str) -> tuple[str, int]:
+    """HOST:PORT (an IPv6 host in brackets), the port 0-65535 (0: any free port)."""
     host, _, port = value.rpartition(":")
-    if not host or not port.isdigit():
-        raise InputError(f"--listen {value}: expected HOST:PORT, for example 127.0.0.1:9464")
-    return host.strip("[]"), int(port)
+    host = host.strip("[]")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise InputError(
+            f"--listen {value}: expected HOST:PORT with a port from 0 to 65535, "
+            "for example 127.0.0.1:9464"
+        )
+    return host, int(port)

@@ -261,26 +261,24 @@ class Engine:
         # resumed and unchanged jobs need no task at all.
         async with anyio.create_task_group() as tg:
             for index, plan in enumerate(planned):
-                if plan.action in (Action.RESUME, Action.UNCHANGED, Action.CHANGED):
+                if plan.action in (Action.RESUME, Action.UNCHANGED) or plan.left_alone:
                     applied[index] = plan.record
                 else:
                     tg.start_soon(apply, index, plan)
         runs: list[JobRun] = []
         for plan, record in zip(planned, applied, strict=True):
-            if plan.action is Action.CHANGED:
+            if plan.left_alone:
                 summary.changed.append(plan.spec.name)
-                log.warning(
-                    "spec changed; left alone (use --replace)",
-                    job=plan.spec.name,
-                    state=record.state.value if record else None,
-                )
+                log.warning("left alone", job=plan.spec.name, reason=plan.describe())
             if record is None:  # a replace that could not cancel what it replaces
                 summary.changed.append(plan.spec.name)
                 continue
+            if plan.action is Action.CONFLICT:
+                continue  # another manifest's job: not this engine's to know
             run = JobRun(plan.spec, record, plan.report)
             if self.keep_finished or not record.state.terminal:
                 self.runs[plan.spec.name] = run  # the jobs the engine knows, for views
-            if not self._done(record.state) and plan.action is not Action.CHANGED:
+            if not self._done(record.state) and not plan.left_alone:
                 runs.append(run)
             else:
                 summary.states[record.name] = record.state

@@ -7,11 +7,14 @@ changed    spec or dataset edited while in flight or after it ended: left alone
 retry      failed before, and the spec changed or --retry-failed was given
 replace    changed, and --replace NAME asked for a fresh start
 invalid    its local dataset fails the checks: failed without touching the gateway
+conflict   another manifest (still there) submitted a job of this name to this state
+           file: a name is a job's identity, so this one is left alone
 """
 
 from __future__ import annotations
 
 import enum
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -36,6 +39,7 @@ class Action(enum.StrEnum):
     RETRY = "retry"
     REPLACE = "replace"
     INVALID = "invalid"
+    CONFLICT = "conflict"
 
     @property
     def calls_gateway(self) -> bool:
@@ -58,7 +62,14 @@ class PlannedJob:
             return f"invalid dataset: {self.report.summary()}"
         if self.action is Action.CHANGED:
             return f"changed since it was submitted ({state}); left alone without --replace"
+        if self.action is Action.CONFLICT and self.record is not None:
+            return f"the name is taken by a job of {self.record.manifest}; left alone"
         return self.action.value
+
+    @property
+    def left_alone(self) -> bool:
+        """Not driven, and reported: the user must decide."""
+        return self.action in (Action.CHANGED, Action.CONFLICT)
 
 
 async def inspect_datasets(
@@ -99,6 +110,8 @@ def plan_jobs(
         same = record is not None and record.fingerprint == fingerprint
         if record is None:
             action = Action.CREATE
+        elif _taken(record, spec):
+            action = Action.CONFLICT
         elif same and not record.state.terminal:
             action = Action.RESUME
         elif same:
@@ -125,6 +138,17 @@ def plan_jobs(
     return planned
 
 
+def _taken(record: JobRecord, spec: JobSpec) -> bool:
+    """The job of this name came from another manifest file that still exists (one that
+    was moved or deleted hands its jobs over)."""
+    if not record.manifest or not spec.manifest or record.manifest == spec.manifest:
+        return False
+    try:
+        return not os.path.samefile(record.manifest, spec.manifest)
+    except OSError:
+        return False
+
+
 RecordLoader = Callable[[list[str]], Awaitable[Mapping[str, JobRecord]]]
 
 
@@ -144,4 +168,7 @@ async def plan_in_chunks(
     for start in range(0, len(specs), chunk):
         part = specs[start : start + chunk]
         records = await load([spec.name for spec in part])
-        yield plan_jobs(part, reports, records, retry_failed=retry_failed, replace=replace)
+        # In a worker thread: a name taken by another manifest is checked on disk.
+        yield await anyio.to_thread.run_sync(
+            partial(plan_jobs, part, reports, records, retry_failed=retry_failed, replace=replace)
+        )

@@ -66,7 +66,7 @@ async def check_gateway(client: GatewayClient) -> None:
         ) from None
     except RetryableError as exc:
         detail = exc.message.removeprefix(f"gateway {client.base_url}: ")
-        raise InputError(f"cannot reach gateway {client.base_url}: {detail}") from None
+        raise InputError(f"gateway {client.base_url}: {detail}") from None
     except GatewayError as exc:
         raise InputError(f"gateway {client.base_url}: {exc.message}") from None
 

@@ -72,3 +72,37 @@ class SimConfig:
         data = asdict(self)
         data.pop("api_key")
         return data
+
+
+# What each setting does, as `orchestrator sim --help` shows it.
+HELP = {
+    "api_key": "The x-portkey-api-key the simulated gateway accepts.",
+    "bucket": "The bucket in the signed upload URLs.",
+    "seed": "Seed of the random faults and failures (the same seed, the same faults).",
+    "latency": "Seconds added to every gateway request.",
+    "latency_jitter": "Up to this many more seconds, at random, per gateway request.",
+    "error_rate": "Probability that a gateway request answers 500, 502 or 503.",
+    "rate_limit_rate": "Probability that a gateway request answers 429 with Retry-After.",
+    "retry_after": "The Retry-After seconds of those 429 answers.",
+    "drop_rate": "Probability that a connection is dropped before the request is handled.",
+    "lost_response_rate": "Probability that a request is handled, then its answer is lost.",
+    "odd_answer_rate": "Probability of an answer no documentation promises (HTML, cut JSON, "
+    "success: false with 200, no data or fields, a one-off 404).",
+    "odd_answer_kinds": "Comma-separated kinds of odd answers to draw from (default all: "
+    + ", ".join(ODD_ANSWERS)
+    + ").",
+    "status_spelling": "documented, alternative (other spellings of the same statuses) "
+    "or unknown (finished trainings reported with a status no map knows).",
+    "error_shape": "How a finetune's error is given: string, or object (message, code).",
+    "echo_secrets": "4xx messages quote the request's API key and the last signed URL.",
+    "storage_error_rate": "Probability that an upload answers 503 SlowDown.",
+    "storage_latency": "Seconds before the upload route looks at a request.",
+    "validation_seconds": "How long a dataset validation takes.",
+    "queue_seconds": "How long a started finetune waits in the provider's queue.",
+    "training_seconds": "How long a training takes.",
+    "validation_failure_rate": "Probability that a valid dataset is rejected anyway.",
+    "training_failure_rate": "Probability that a training fails.",
+    "max_example_chars": "Longer examples fail validation, as providers' limits do.",
+    "url_ttl": "Seconds a signed upload URL stays valid.",
+    "max_object_bytes": "The largest object one upload may put.",
+}

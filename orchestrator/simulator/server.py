@@ -6,14 +6,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
+import re
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,7 @@ from orchestrator.simulator.config import ODD_ANSWERS, SimConfig
 from orchestrator.simulator.signing import UrlSigner
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_ACCESS_LOG = logging.getLogger("orchestrator.simulator.access")
 API_KEY_HEADER = "x-portkey-api-key"
 ENDPOINT = web.RequestKey("endpoint", str)
 
@@ -81,8 +85,15 @@ def _s3_error(status: int, code: str, message: str) -> web.Response:
 class Simulator:
     """The gateway simulator. ``await start()`` binds a real socket; ``url`` says where."""
 
-    def __init__(self, config: SimConfig | None = None, data_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        config: SimConfig | None = None,
+        data_dir: Path | None = None,
+        *,
+        access_log: bool = False,
+    ) -> None:
         self.config = config or SimConfig()
+        self.access_log = access_log
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="finetune-sim-"))
         self.world = w.World(self.config, self.data_dir)
@@ -116,7 +127,12 @@ class Simulator:
         r.add_put("/_sim/objects/{key:.+}", self._preload)
         r.add_put("/{bucket}/{key:.+}", self._upload)
         r.add_route("*", "/v1/{tail:.*}", self._unknown)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            access_log=_ACCESS_LOG if self.access_log else None,
+            access_log_format='%a "%r" %s %b %Tfs',
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, backlog=1024, reuse_address=True)
         await site.start()
@@ -408,6 +424,16 @@ class Simulator:
         return web.json_response({"key": key})
 
 
+class _Unsigned(logging.Formatter):
+    """Access log lines without the signatures in upload URLs' query strings."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _QUERY.sub("?<redacted>", super().format(record))
+
+
+_QUERY = re.compile(r"\?[^\s\"]*")
+
+
 class SimulatorThread:
     """The simulator on its own event loop in a background thread (tests, demo, bench)."""
 
@@ -455,11 +481,26 @@ def running_simulator(config: SimConfig | None = None) -> Iterator[SimulatorThre
         sim.stop()
 
 
-async def serve_forever(config: SimConfig, host: str, port: int, data_dir: Path | None) -> None:
+async def serve_forever(
+    config: SimConfig,
+    host: str,
+    port: int,
+    data_dir: Path | None,
+    preload: Sequence[tuple[str, Path]] = (),
+    access_log: bool = False,
+) -> None:
     """Run until SIGINT or SIGTERM; prints where it listens as the first line. On the way
     out a temporary data folder is removed: uploads leave gigabytes in it."""
-    simulator = Simulator(config, data_dir)
+    simulator = Simulator(config, data_dir, access_log=access_log)
+    for key, path in preload:
+        simulator.preload(key, path)
     url = await simulator.start(host, port)
+    if access_log:  # one line per request on stdout; query strings hold signatures
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(_Unsigned("%(message)s"))
+        _ACCESS_LOG.addHandler(handler)
+        _ACCESS_LOG.setLevel(logging.INFO)
+        _ACCESS_LOG.propagate = False
     print(f"simulator listening on {url}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

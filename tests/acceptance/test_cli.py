@@ -174,7 +174,7 @@ def test_bad_gateway_is_one_line_and_exit_2(
     assert len(lines) == 1 and lines[0].startswith("error: "), out.stderr
     assert "Traceback" not in out.stderr and "wrong-secret-key-42" not in out.stderr
     expected = {
-        "refused": "cannot reach gateway http://127.0.0.1:9",
+        "refused": "gateway http://127.0.0.1:9: cannot connect to 127.0.0.1:9: connection refused",
         "wrong_key": f"gateway {sim.url} refused the API key (HTTP 401)",
         "bad_url": "PORTKEY_BASE_URL: is not a valid URL",
         "not_a_gateway": "without the gateway's {success, data} envelope",
