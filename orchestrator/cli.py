@@ -564,6 +564,7 @@ def daemon(
             store.close()
     finally:
         lock.release()
+    sys.exit(service.exit_code)
 
 
 # ------------------------------------------------------------------------ sim

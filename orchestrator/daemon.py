@@ -31,7 +31,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from orchestrator.engine import Engine, RunSummary
-from orchestrator.errors import InputError
+from orchestrator.errors import GatewayUnreachable, InputError
 from orchestrator.logs import Redactor
 from orchestrator.manifest import Manifest, load_manifest
 from orchestrator.metrics import Metrics
@@ -50,6 +50,7 @@ class ManifestFile:
     signature: tuple[int, int] = (0, 0)  # (mtime_ns, size) when last loaded
     error: str | None = None
     jobs: tuple[str, ...] = ()
+    gateway: Gateway | None = None
 
 
 @dataclass
@@ -69,6 +70,8 @@ class Daemon:
     url: str = ""
     _tg: anyio.abc.TaskGroup | None = None
     _engine_groups: dict[Gateway, anyio.abc.TaskGroup] = field(default_factory=dict)
+    _engine_scopes: dict[Gateway, anyio.CancelScope] = field(default_factory=dict)
+    exit_code: int = 0
     _reload_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
     # ------------------------------------------------------------------ running
@@ -82,6 +85,7 @@ class Daemon:
                 self._tg = tg
                 tg.start_soon(self._heartbeat)
                 tg.start_soon(self._watch)
+                tg.start_soon(self._watch_engines, tg.cancel_scope)
                 await self._rescan()
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as received:
                     async for signum in received:
@@ -107,6 +111,25 @@ class Daemon:
         if left:
             log.warning("grace period over; leaving steps to the next start", jobs=left)
         tg.cancel_scope.cancel()
+
+    async def _watch_engines(self, scope: anyio.CancelScope) -> None:
+        """An engine whose store failed ends the daemon (exit 1: nothing more can be
+        recorded); one whose gateway refused the key is retired, and its manifests
+        show the error until they are edited."""
+        while True:
+            await anyio.sleep(1.0)
+            for gateway, engine in list(self.engines.items()):
+                if engine.broken:
+                    log.error("state store failed; stopping", error=engine.broken)
+                    self.exit_code = 1
+                    scope.cancel()
+                    return
+                if engine.fatal:
+                    self.engines.pop(gateway)
+                    self._engine_scopes.pop(gateway).cancel()
+                    for entry in self.manifests.values():
+                        if entry.gateway == gateway:
+                            self._manifest_error(entry, engine.fatal)
 
     async def _heartbeat(self) -> None:
         while True:
@@ -170,15 +193,21 @@ class Daemon:
 
     async def _load(self, entry: ManifestFile) -> None:
         """Admit a manifest's jobs; any problem is that manifest's error, logged and
-        shown, never the daemon's."""
+        shown, never the daemon's. A gateway that did not answer is tried again at the
+        next rescan."""
         try:
             await self._admit(entry)
         except (InputError, OSError) as exc:
-            entry.error = str(exc)
-            log.error("manifest skipped", manifest=str(entry.path), error=entry.error)
+            self._manifest_error(entry, str(exc))
+            if isinstance(exc, GatewayUnreachable):
+                entry.signature = (0, 0)
         except Exception as exc:
-            entry.error = f"internal error: {type(exc).__name__}: {exc}"
-            log.exception("manifest skipped", manifest=str(entry.path))
+            log.exception("internal error", manifest=str(entry.path))
+            self._manifest_error(entry, f"internal error: {type(exc).__name__}: {exc}")
+
+    def _manifest_error(self, entry: ManifestFile, error: str) -> None:
+        entry.error = self.redactor.text(error) if self.redactor else error
+        log.error("manifest skipped", manifest=str(entry.path), error=entry.error)
 
     async def _admit(self, entry: ManifestFile) -> None:
         manifest = await anyio.to_thread.run_sync(load_manifest, entry.path)
@@ -186,7 +215,7 @@ class Daemon:
         if self.redactor is not None:
             self.redactor.add_secret(manifest.api_key)
         engine = await self._engine_for(manifest, gateway)
-        entry.error = None
+        entry.error, entry.gateway = None, gateway
         entry.jobs = tuple(job.name for job in manifest.jobs)
         reports = await inspect_datasets(manifest.jobs, self.settings.check)
         # Jobs some engine drives already carry on (a manifest whose gateway changed
@@ -230,6 +259,7 @@ class Daemon:
             engine.lc.clock.estimates.update(await self.store.load_estimates())
             self.engines[gateway] = engine
             self._engine_groups[gateway] = group
+            self._engine_scopes[gateway] = group.cancel_scope
             group.start_soon(engine.serve)
             task_status.started()
             await anyio.sleep_forever()

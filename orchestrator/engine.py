@@ -98,6 +98,12 @@ class PollTimer:
     def woke(self, run: JobRun) -> None:
         run.sleeping_until = None
         self.sleeping.pop(run.record.name, None)
+        # Superseded entries stay in the heap until due, holding their runs (a cancelled
+        # sleeper could be held for days): sweep them when they outnumber the live ones.
+        if len(self._heap) > 2 * len(self.sleeping) + 64:
+            live = [e for e in self._heap if e[2].sleeping_until == e[0] and e[2].wake is e[3]]
+            self._heap[:] = live  # in place: serve() holds this list
+            heapq.heapify(self._heap)
 
     async def serve(self) -> None:
         heap = self._heap
@@ -231,7 +237,7 @@ class Engine:
     async def start(self, group: anyio.abc.TaskGroup, runs: list[JobRun]) -> None:
         """Drive ``runs`` in ``group``, ``ADMIT_CHUNK`` at a time (see ``_admission_room``)."""
         for index, run in enumerate(runs, 1):
-            self._driving.add(run.record.name)  # owned from now: a cancel waits for it
+            self._driving.add(run.record.name)  # admitted runs are owned already
             group.start_soon(self.drive, run)
             if index % self.ADMIT_CHUNK == 0:
                 await self._admission_room()
@@ -279,6 +285,9 @@ class Engine:
             if self.keep_finished or not record.state.terminal:
                 self.runs[plan.spec.name] = run  # the jobs the engine knows, for views
             if not self._done(record.state) and not plan.left_alone:
+                # Owned from now, before any await: a cancel seen meanwhile waits for
+                # this driver instead of starting one of its own.
+                self._driving.add(record.name)
                 runs.append(run)
             else:
                 summary.states[record.name] = record.state
@@ -409,13 +418,24 @@ class Engine:
                 continue
             failures += 1
             failing_since = failing_since if failures > 1 else time.monotonic()
-            deadline = self.lc.settings.step_deadline
-            if time.monotonic() - failing_since > deadline and step is not lifecycle.cancel_job:
+            deadline = self._step_deadline(run, step)
+            if time.monotonic() - failing_since > deadline:
                 await self._fail(
                     run, f"gave up after {deadline:g}s of transient errors: {error}", adoptable=True
                 )
                 return
-            await self._sleep(run, self.step_retry.delay(failures, error.retry_after, self.lc.rng))
+            delay = self.step_retry.delay(failures, error.retry_after, self.lc.rng)
+            await self._sleep(run, max(delay, self.lc.settings.poll.initial))
+
+    def _step_deadline(self, run: JobRun, step: lifecycle.Step) -> float:
+        """How long a step may keep failing transiently. A cancel is never given up; a
+        ``/start`` whose outcome is unknown is looked at for as long as a training may
+        take (the gateway may be training it meanwhile)."""
+        if step is lifecycle.cancel_job:
+            return math.inf
+        if run.record.state is State.VALIDATED:
+            return self.lc.settings.poll.training_deadline
+        return self.lc.settings.step_deadline
 
     async def _clear_cancel(self, run: JobRun) -> None:
         try:
@@ -431,6 +451,8 @@ class Engine:
                 await step(self.lc, run)  # bounded by its upload slots instead
             else:
                 async with self.step_slots:
+                    if run.cancel_requested and step is not lifecycle.cancel_job:
+                        return None  # asked while it waited for a slot: cancel first
                     await step(self.lc, run)
         except RetryableError as exc:
             run.log.warning("step will be retried", error=str(exc))

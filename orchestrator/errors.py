@@ -2,6 +2,7 @@
 
 ``OrchestratorError``
   ``InputError``            bad manifest or dataset: exit 2, nothing sent
+    ``GatewayUnreachable``  the preflight reached no gateway
   ``GatewayError``          anything the gateway or storage host answered badly
     ``RetryableError``      429, 5xx, timeouts, dropped connections: try again later
       ``UnreadableAnswer``  an answer we could not read: not a verdict, look again
@@ -22,6 +23,10 @@ class OrchestratorError(Exception):
 
 class InputError(OrchestratorError):
     """Malformed user input (manifest, dataset, flags). Rendered as one line, exit 2."""
+
+
+class GatewayUnreachable(InputError):
+    """The preflight found no gateway answering at the URL (it may come back)."""
 
 
 class StateLockedError(OrchestratorError):

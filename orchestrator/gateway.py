@@ -334,10 +334,10 @@ class GatewayClient:
             body = orjson.dumps(json)
             headers["Content-Type"] = "application/json"
         if not (endpoint.retry_blindly or idempotency_key is not None):
-            return await self._attempt(endpoint, path, body, headers)
+            return await self._attempt(endpoint, path, body, headers, object_id is not None)
         return await call_with_retries(
             self.settings.retry,
-            lambda: self._attempt(endpoint, path, body, headers),
+            lambda: self._attempt(endpoint, path, body, headers, object_id is not None),
             rng=self._rng,
             on_retry=lambda: self._note_retry(endpoint),
         )
@@ -347,7 +347,12 @@ class GatewayClient:
             self._observer.gateway_retry(endpoint.name)
 
     async def _attempt(
-        self, endpoint: Endpoint, path: str, body: bytes | None, headers: dict[str, str]
+        self,
+        endpoint: Endpoint,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        held_id: bool = False,
     ) -> Any:
         async with self._slots:
             if self._limiter:
@@ -359,20 +364,21 @@ class GatewayClient:
                 self._observe(endpoint, None, started)
                 raise RetryableError(endpoint.name, self._describe(exc)) from None
         self._observe(endpoint, reply.status, started)
-        return self._unwrap(endpoint, reply)
+        return self._unwrap(endpoint, reply, held_id)
 
     def _observe(self, endpoint: Endpoint, status: int | None, started: float) -> None:
         if self._observer:
             self._observer.gateway_call(endpoint.name, status, time.monotonic() - started)
 
     def _describe(self, exc: NoAnswer) -> str:
-        # NoAnswer carries the transport's own words ("Server disconnected"), or else
-        # what kind of failure it was.
-        return scrub(f"gateway {self.base_url}: {exc}", self._api_key)
+        # NoAnswer says what happened in plain words; the URL shown has no password.
+        return scrub(f"gateway {self.identity}: {exc}", self._api_key)
 
-    def _unwrap(self, endpoint: Endpoint, reply: Reply) -> Any:
+    def _unwrap(self, endpoint: Endpoint, reply: Reply, held_id: bool = False) -> Any:
         """The envelope's ``data``, or the error the answer amounts to. A 2xx answer we
-        cannot read is ``UnreadableAnswer``: the call may or may not have taken effect."""
+        cannot read is ``UnreadableAnswer``: the call may or may not have taken effect.
+        So is a 404 for an id the gateway gave us (``held_id``): a stray answer, not a
+        statement that the object is gone."""
         status = reply.status
         payload = _json(reply.body)
         if status < 400 and isinstance(payload, dict) and payload.get("success") is not False:
@@ -385,6 +391,8 @@ class GatewayClient:
         if status < 400:
             what = "success: false" if isinstance(payload, dict) else "not a JSON envelope"
             raise UnreadableAnswer(endpoint.name, f"{what}: {message}", status)
+        if status == 404 and held_id:
+            raise UnreadableAnswer(endpoint.name, f"{message} (looked at again)", status)
         if retryable_status(status):
             raise RetryableError(
                 endpoint.name,

@@ -76,7 +76,6 @@ class JobRun:
     warned_statuses: set[str] = field(default_factory=set)
     wake: anyio.Event = field(default_factory=anyio.Event)
     cancel_requested: bool = False
-    adopted: bool = False  # its phase began before we saw it: no duration to learn
     last_poll_at: float | None = None  # wall clock of the last status GET
     sleeping_until: float | None = None  # wall clock its poll is due, while it waits
     unsent_intent: str | None = None  # persisted by this process; its call not sent yet
@@ -119,6 +118,12 @@ class PhaseClock:
             scouts.add(run.record.name)
             return backoff
         return backoff * self.WAIT_FACTOR
+
+    def left(self, run: JobRun, state: State) -> None:
+        """``run`` is no longer in ``state``: a scout's place goes to the next job."""
+        scouts = self.scouts.get(self.key(run, state))
+        if scouts is not None:
+            scouts.discard(run.record.name)
 
     @staticmethod
     def key(run: JobRun, state: State | None = None) -> str:
@@ -200,6 +205,8 @@ class Lifecycle:
         transition = Transition(record.name, old, new, record.updated_at, detail)
         await self.store.save(record, transition, dataset=shares)
         run.record = record
+        if old in POLLING_STATES and new is not old:
+            self.clock.left(run, old)
         if "intent" in changes:
             run.unsent_intent = changes["intent"]
         self.metrics.transition(old.value, new.value)
@@ -254,6 +261,8 @@ async def prepare_dataset(lc: Lifecycle, run: JobRun) -> None:
     """pending | dataset_created | uploaded -> dataset_ready."""
     key = content_key(lc.client.identity, run.spec, run.report)
     async with lc.content_lock(key):
+        if run.cancel_requested:
+            return  # asked while it waited: the driver cancels instead
         if run.record.state in (State.PENDING, State.DATASET_CREATED):
             shared = await lc.store.find_dataset(key)
             if shared is not None and run.record.state is State.PENDING:
@@ -271,6 +280,8 @@ async def prepare_dataset(lc: Lifecycle, run: JobRun) -> None:
             size = run.report.size if run.report else 0
             small = size < lc.settings.upload.small_file_bytes
             async with lc.small_upload_slots if small else lc.upload_slots:
+                if run.cancel_requested:
+                    return
                 await _create_and_upload(lc, run)
             if run.record.state is State.FAILED:
                 return
@@ -391,6 +402,7 @@ async def create_finetune(lc: Lifecycle, run: JobRun) -> None:
     """dataset_ready -> finetune_created. A lost answer is replayed with the same key."""
     if run.record.intent != CREATE_FINETUNE:
         await lc.persist(run, intent=CREATE_FINETUNE)
+    run.unsent_intent = None  # from here on, the gateway may have made it
     spec = run.spec
     created = await lc.client.create_finetune(
         spec.name,
@@ -407,11 +419,12 @@ async def attach_dataset(lc: Lifecycle, run: JobRun) -> None:
     """finetune_created -> dataset_attached, or wherever the gateway already has it.
 
     The create may have handed back a finetune made earlier (a replay after a lost state
-    file, a rerun elsewhere): attaching would reset it, so it is observed first."""
+    file, a rerun elsewhere): attaching would reset it, so it is observed first, and
+    attached only while the gateway says it is created (an unknown status is looked at
+    again)."""
     assert run.record.finetune_id and run.record.dataset_id
     seen = await _observe(lc, run)
-    never_attached = seen.phase is None and not seen.finetune.training_dataset_id
-    if seen.phase is not Phase.CREATED and not never_attached:
+    if seen.phase is not Phase.CREATED:
         await _adopt(lc, run, seen, "found on the gateway")
         return
     await lc.client.update_finetune(run.record.finetune_id, run.record.dataset_id)
@@ -436,6 +449,7 @@ async def start_validation(lc: Lifecycle, run: JobRun) -> None:
         run,
         State.VALIDATING,
         phase_started_at=now,
+        phase_adopted=False,
         poll_attempt=0,
         next_poll_at=now + lc.clock.poll_delay(run, lc.settings.poll.initial, State.VALIDATING),
     )
@@ -486,6 +500,7 @@ async def start_training(lc: Lifecycle, run: JobRun) -> None:
         State.TRAINING,
         intent=None,
         phase_started_at=now,
+        phase_adopted=False,
         poll_attempt=0,
         next_poll_at=now + lc.clock.poll_delay(run, lc.settings.poll.initial, State.TRAINING),
     )
@@ -521,17 +536,29 @@ async def await_training(lc: Lifecycle, run: JobRun) -> None:
 
 async def cancel_job(lc: Lifecycle, run: JobRun) -> None:
     """Any state -> cancelled; the finetune is cancelled on the gateway if it exists.
-    A finetune that ended before the cancel reached it ends the job as it ended."""
+    A finetune that ended before the cancel reached it ends the job as it ended; a
+    refusal (409) while the gateway shows it running is tried again."""
     record = run.record
+    sent_maybe = record.intent == CREATE_FINETUNE and run.unsent_intent != CREATE_FINETUNE
+    if record.finetune_id is None and sent_maybe:
+        # The create may have happened with its answer lost: replay it (same key) to
+        # learn the id, so what the gateway made is cancelled rather than orphaned.
+        await create_finetune(lc, run)
+        record = run.record
     status: dict[str, Any] = {}
     if record.finetune_id:
         try:
             await lc.client.cancel_finetune(record.finetune_id)
-        except ConflictError:
+        except ConflictError as exc:
             seen = await _observe(lc, run)
             if seen.phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.VALIDATION_FAILED):
                 await _adopt(lc, run, seen, "ended before the cancel")
                 return
+            if seen.phase is not Phase.CANCELLED:
+                await lc.persist(run, **_status_fields(lc, run, seen))
+                raise UnreadableAnswer(
+                    exc.endpoint, f"refused while {seen.finetune.status}: {exc.message}", 409
+                ) from None
             status = _status_fields(lc, run, seen)
     await lc.transition(
         run, State.CANCELLED, "cancel requested", intent=None, next_poll_at=None, **status
@@ -653,13 +680,13 @@ async def _adopt(lc: Lifecycle, run: JobRun, seen: Observation, detail: str | No
     else:  # validating (or created again after validation) / training: follow it there
         state = State.TRAINING if phase is Phase.TRAINING else State.VALIDATING
         if run.record.state is not state:
-            run.adopted = True
             await lc.transition(
                 run,
                 state,
                 detail,
                 intent=None,
                 phase_started_at=now,
+                phase_adopted=True,
                 poll_attempt=0,
                 next_poll_at=now,
                 **fields,
@@ -705,7 +732,7 @@ async def _schedule_poll(lc: Lifecycle, run: JobRun, seen: Observation | None) -
 async def _phase_ended(lc: Lifecycle, run: JobRun) -> None:
     """A phase seen ending *successfully*: its duration teaches the clock. A failure
     may come at any time and says nothing about how long the phase takes."""
-    if run.adopted:
+    if run.record.phase_adopted:
         return
     estimate = lc.clock.finished(run, time.time())
     if estimate is not None:

@@ -19,7 +19,14 @@ import anyio
 import structlog
 
 from orchestrator.engine import Engine, RunSummary
-from orchestrator.errors import AuthError, GatewayError, InputError, RetryableError, StoreError
+from orchestrator.errors import (
+    AuthError,
+    GatewayError,
+    GatewayUnreachable,
+    InputError,
+    RetryableError,
+    StoreError,
+)
 from orchestrator.gateway import GatewayClient
 from orchestrator.lifecycle import JobRun, Lifecycle
 from orchestrator.logs import Redactor
@@ -58,17 +65,16 @@ def gateway_of(manifest: Manifest) -> Gateway:
 
 async def check_gateway(client: GatewayClient) -> None:
     """One cheap call before any work: a wrong URL or key is bad input, not 300 failed jobs."""
+    where = client.identity
     try:
         await client.probe()
     except AuthError as exc:
-        raise InputError(
-            f"gateway {client.base_url} refused the API key (HTTP {exc.status})"
-        ) from None
+        raise InputError(f"gateway {where} refused the API key (HTTP {exc.status})") from None
     except RetryableError as exc:
-        detail = exc.message.removeprefix(f"gateway {client.base_url}: ")
-        raise InputError(f"gateway {client.base_url}: {detail}") from None
+        detail = exc.message.removeprefix(f"gateway {where}: ")
+        raise GatewayUnreachable(f"gateway {where}: {detail}") from None
     except GatewayError as exc:
-        raise InputError(f"gateway {client.base_url}: {exc.message}") from None
+        raise InputError(f"gateway {where}: {exc.message}") from None
 
 
 async def preflight(gateway: Gateway, settings: EngineSettings) -> None:

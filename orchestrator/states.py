@@ -114,6 +114,8 @@ class JobRecord:
     poll_attempt: int = 0
     next_poll_at: float | None = None  # wall clock, so it survives a restart
     phase_started_at: float | None = None  # when validating/training began, for deadlines
+    # The phase began before we saw it (adopted): its duration teaches the clock nothing.
+    phase_adopted: bool = False
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
 

@@ -94,6 +94,7 @@ def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
     values = dict(zip(_FIELDS, row, strict=True))
     values["state"] = State(values["state"])
     values["adoptable"] = bool(values["adoptable"])
+    values["phase_adopted"] = bool(values["phase_adopted"])
     for name in _LISTS:
         values[name] = tuple(json.loads(values[name] or "[]"))
     return JobRecord(**values)
@@ -124,6 +125,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     poll_attempt INTEGER NOT NULL,
     next_poll_at REAL,
     phase_started_at REAL,
+    phase_adopted INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
@@ -153,6 +155,7 @@ _MIGRATIONS: dict[int, str] = {
 ALTER TABLE jobs ADD COLUMN abandoned_finetunes TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE jobs ADD COLUMN unknown_status_since REAL;
 ALTER TABLE jobs ADD COLUMN adoptable INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN phase_adopted INTEGER NOT NULL DEFAULT 0;
 """,
 }
 

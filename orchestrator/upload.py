@@ -181,9 +181,14 @@ async def upload_dataset(
             if progress:
                 progress(size)
             return _check_response(await put(data), md5, shown, progress, size), sha256
-        with path.open("rb") as handle:
+        # Opened and closed in worker threads too: nothing touches the disk on the loop.
+        handle = await anyio.to_thread.run_sync(path.open, "rb")
+        try:
             body = _FileBody(handle, size, settings.block_size, progress)
             reply = await put(body)
+        finally:
+            with anyio.CancelScope(shield=True):  # closed even when the upload is cut
+                await anyio.to_thread.run_sync(handle.close)
         md5 = _check_response(reply, body.md5.hexdigest(), shown, progress, body.sent)
         return md5, body.sha256.hexdigest()
 

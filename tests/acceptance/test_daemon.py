@@ -248,6 +248,13 @@ def test_bad_manifests_never_stop_watching_and_two_sigints_end_cleanly(
     daemon.start()
     (watch / "broken.yaml").write_text("jobs: [\n")  # a YAML error
     (watch / "empty.yaml").write_bytes(b"\xff\xfe not text")
+    down = tmp_path / ".down.yaml"  # a gateway that is not there, its URL with a password
+    write_manifest(
+        down,
+        manifest_jobs(tmp_path, ["down-a"]),
+        gateway={"base_url": "http://admin:s3cret-pw@127.0.0.1:1"},
+    )
+    down.replace(watch / "down.yaml")
     drop(watch / "one.yaml", manifest_jobs(tmp_path, ["one-a", "one-b"]))
     wait_for(
         lambda: (
@@ -256,8 +263,10 @@ def test_bad_manifests_never_stop_watching_and_two_sigints_end_cleanly(
         ),
         "the good manifest's jobs",
     )
-    errors = {j["name"] for j in daemon.jobs() if j["state"] == "manifest_error"}
-    assert errors == {"broken.yaml", "empty.yaml"}
+    errors = {j["name"]: j["error"] for j in daemon.jobs() if j["state"] == "manifest_error"}
+    assert set(errors) == {"broken.yaml", "empty.yaml", "down.yaml"}
+    assert "cannot connect to 127.0.0.1:1" in errors["down.yaml"]
+    assert "s3cret-pw" not in json.dumps(daemon.jobs())
     (watch / "broken.yaml").unlink()
     drop(watch / "two.yaml", manifest_jobs(tmp_path, ["two-a"]))
     wait_for(lambda: daemon.states().get("two-a") == "succeeded", "a later manifest's job")
@@ -273,4 +282,5 @@ def test_bad_manifests_never_stop_watching_and_two_sigints_end_cleanly(
     assert daemon.process.wait(timeout=30) == 0
     log = daemon.log.read_text()
     assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+    assert "s3cret-pw" not in log
     assert all(n == 1 for n in sim.journal.finetune_creates.values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -125,16 +126,21 @@ async def test_cancel_and_conflicts(
         assert twice.value.endpoint == "cancel_finetune"
 
 
-async def test_not_found_and_bad_request(client_for: ClientFactory, sim: SimulatorThread) -> None:
+async def test_a_404_for_an_id_is_no_statement_and_a_400_is_a_refusal(
+    client_for: ClientFactory, sim: SimulatorThread
+) -> None:
+    """A 404 for an id the gateway gave us may be a stray answer (a replica behind, a
+    proxy): retried, and for a job observed again, never taken as "gone"."""
     async with client_for(sim) as client:
-        with pytest.raises(NotFoundError) as missing:
+        with pytest.raises(UnreadableAnswer) as missing:
             await client.get_finetune("ft_missing")
         assert missing.value.status == 404 and "ft_missing" in missing.value.message
+        assert sim.journal.requests["get_finetune"] == FAST_RETRY.retry.max_attempts
         # An id that needs quoting goes out as one path segment, never as a path.
-        with pytest.raises(NotFoundError) as odd:
+        with pytest.raises(UnreadableAnswer) as odd:
             await client.get_finetune("ft x/../y")
         assert "ft x/../y" in odd.value.message
-        with pytest.raises(NotFoundError):
+        with pytest.raises(UnreadableAnswer):
             await client.get_dataset("ds_missing")
         finetune = await client.create_finetune("job-c", "vk", "openai", "gpt-4o-mini", {})
         with pytest.raises(PermanentError) as bad:
@@ -242,14 +248,12 @@ async def test_lost_response_on_create_is_recovered_by_the_key(
 
 
 async def test_requests_per_second_cap(client_for: ClientFactory, sim: SimulatorThread) -> None:
-    settings = ClientSettings(requests_per_second=20)
+    settings = ClientSettings(requests_per_second=20, retry=RetryPolicy(max_attempts=1))
     async with client_for(sim, settings=settings) as client:
         started = time.monotonic()
         for _ in range(11):
-            try:
+            with contextlib.suppress(UnreadableAnswer):
                 await client.get_dataset("ds_none")
-            except NotFoundError:
-                pass
         elapsed = time.monotonic() - started
     # Eleven requests at 20/s are spaced over at least half a second.
     assert elapsed >= 0.45

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from orchestrator.datasets import DatasetReport
@@ -51,6 +52,7 @@ class ScriptedGateway:
         self.error: Any = None
         self.answers: list[str | Exception] = []
         self.cancel_errors: list[Exception] = []
+        self.cancel_seconds = 0.0  # how long a cancel takes
         self.calls: list[str] = []
 
     async def create_dataset(self, *args: Any, **kwargs: Any) -> CreatedDataset:
@@ -95,6 +97,7 @@ class ScriptedGateway:
 
     async def cancel_finetune(self, finetune_id: str) -> None:
         self.calls.append("cancel")
+        await anyio.sleep(self.cancel_seconds)
         if self.cancel_errors:
             raise self.cancel_errors.pop(0)
         self.status = "provider_finetune_cancelled"
@@ -349,3 +352,115 @@ def _summary() -> Any:
     from orchestrator.engine import RunSummary
 
     return RunSummary()
+
+
+async def test_a_cancel_seen_between_admission_and_start_is_left_to_the_jobs_driver() -> None:
+    gateway = ScriptedGateway(status=TRAINING)
+    gateway.cancel_seconds = 0.2  # a second driver would cancel meanwhile
+    store = MemoryStore()
+    lc = lifecycle(gateway, store)
+    engine = Engine(lc, step_retry=FAST)
+    now = time.time()
+    plans = [
+        resume(
+            replace(record(State.TRAINING, phase_started_at=now, next_poll_at=now + 60), name=n),
+            replace(SPEC, name=n),
+        )
+        for n in (f"j{i:02d}" for i in range(70))
+    ]
+    store.jobs.update({plan.spec.name: plan.record for plan in plans if plan.record})
+    await store.request_cancel(["j69"])
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.serve)
+            await anyio.lowlevel.checkpoint()
+            runs = await engine.admit(plans, _summary())
+            await engine._take_cancels()  # j69 is admitted, its driver not started yet
+            async with anyio.create_task_group() as jobs:
+                await engine.start(jobs, runs)
+                while engine.runs["j69"].record.state is not State.CANCELLED:  # noqa: ASYNC110
+                    await anyio.sleep(0.01)
+                engine.stop()
+            tg.cancel_scope.cancel()
+    assert gateway.calls.count("cancel") == 1
+    assert [t.new for t in store.transitions if t.name == "j69"] == [State.CANCELLED]
+
+
+async def test_no_start_goes_out_after_a_cancel_asked_while_it_waited_for_a_slot() -> None:
+    gateway = ScriptedGateway(status=VALIDATED)
+    store = MemoryStore()
+    lc = lifecycle(gateway, store)
+    lc.settings = replace(lc.settings, step_concurrency=1)
+    engine = Engine(lc, step_retry=FAST, until="submitted")
+    plan = resume(record(State.VALIDATED, intent=START_FINETUNE))
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.serve)
+            async with engine.step_slots:  # another job's step holds the only slot
+                runs = await engine.admit([plan], _summary())
+                await engine.start(tg, runs)
+                await anyio.sleep(0.05)  # the driver now waits for the slot
+                await store.request_cancel(["a"])
+                await engine._take_cancels()
+            await engine.wait_idle()
+            tg.cancel_scope.cancel()
+    assert "start" not in gateway.calls
+    assert engine.runs["a"].record.state is State.CANCELLED
+
+
+async def test_a_cancel_after_a_create_whose_answer_was_lost_cancels_what_was_made() -> None:
+    gateway = ScriptedGateway(status=TRAINING)
+    store = MemoryStore()
+    lc = lifecycle(gateway, store)
+    lost = JobRecord(
+        name="a",
+        fingerprint="f",
+        state=State.DATASET_READY,
+        dataset_id="ds_1",
+        intent="create_finetune",
+    )
+    await store.request_cancel(["a"])
+    engine = await drive(lc, resume(lost))
+    assert gateway.calls == ["create_finetune", "cancel"]  # replayed with the same key
+    assert engine.runs["a"].record.state is State.CANCELLED
+    assert engine.runs["a"].record.finetune_id == "ft_1"
+
+
+async def test_a_cancel_refused_while_the_gateway_trains_is_tried_again() -> None:
+    gateway = ScriptedGateway(status=TRAINING)
+    gateway.cancel_errors = [
+        ConflictError("cancel_finetune", "busy", 409),
+        UnreadableAnswer("cancel_finetune", "finetune ft_1 not found (looked at again)", 404),
+    ]
+    store = MemoryStore()
+    lc = lifecycle(gateway, store)
+    await store.request_cancel(["a"])
+    engine = await drive(lc, resume(record(State.TRAINING, phase_started_at=time.time())))
+    assert gateway.calls == ["cancel", "get", "cancel", "cancel"]
+    assert engine.runs["a"].record.state is State.CANCELLED
+    assert [t.new for t in store.transitions] == [State.CANCELLED]  # never before it was
+
+
+async def test_an_adopted_phase_teaches_nothing_even_after_a_restart() -> None:
+    store = MemoryStore()
+    gateway = ScriptedGateway(status="pk_dataset_validation_in_progress")
+    lc = lifecycle(gateway, store)
+    # Found validating on the gateway (a replay after a lost state file): adopted.
+    gateway.answers = ["pk_dataset_validation_in_progress"]
+    engine = Engine(lc, step_retry=FAST)
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(engine.serve)
+            runs = await engine.admit([resume(record(State.FINETUNE_CREATED))], _summary())
+            await engine.start(tg, runs)
+            while engine.runs["a"].record.state is not State.VALIDATING:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            engine.stop()
+            await engine.wait_idle()
+            tg.cancel_scope.cancel()
+    adopted = store.jobs["a"]
+    assert adopted.state is State.VALIDATING and adopted.phase_adopted
+    # Another process resumes it from the store and sees validation end.
+    gateway.status = VALIDATED
+    await drive(lifecycle(gateway, store), resume(adopted), until="submitted")
+    assert store.estimates == {}

@@ -69,8 +69,10 @@ def test_an_unknown_status_gets_the_line_that_would_map_it(
     status: str, waiting: Phase, line: str
 ) -> None:
     assert suggestion(status, waiting) == line
-    custom = default_status_map().with_overrides(yaml.safe_load(line)["statuses"])
-    assert custom.phase_of(status) is not None
+    ((phase, strings),) = yaml.safe_load(line)["statuses"].items()
+    assert strings == [status] and default_status_map().phase_of(status) is None
+    custom = default_status_map().with_overrides({Phase(phase): strings})
+    assert custom.phase_of(status) is Phase(phase)
 
 
 def test_simulator_answers_only_mapped_statuses_in_either_spelling() -> None:
