@@ -9,6 +9,7 @@ is ``gateway``'s and ``upload``'s business, not this module's.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -43,7 +44,10 @@ class NoAnswer(Exception):
 
 def _plain_words(what: str, cause: Exception) -> str:
     if isinstance(cause, aiohttp.ClientConnectorError):
-        reason = cause.os_error.strerror or str(cause.os_error) or "failed"
+        error = cause.os_error
+        # errno's words ("connection refused"); a failed name lookup has its own.
+        code = error.errno or 0
+        reason = os.strerror(code) if code > 0 else error.strerror or str(error) or "failed"
         return f"cannot connect to {cause.host}:{cause.port}: {reason.lower()}"
     if isinstance(cause, aiohttp.ServerDisconnectedError):
         return "the server closed the connection without answering"
