@@ -37,7 +37,7 @@ from orchestrator.store import OwnerLock, SqliteStore
 if TYPE_CHECKING:
     from orchestrator.manifest import Manifest
     from orchestrator.plan import PlannedJob
-    from orchestrator.runner import BatchResult
+    from orchestrator.runner import BatchResult, Notifications
 
 DEFAULT_STATE = Path(".orchestrator") / "state.db"
 T = TypeVar("T")
@@ -108,6 +108,57 @@ def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _notify_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.option(
+                "--notify",
+                "notify_urls",
+                multiple=True,
+                metavar="URL",
+                callback=_check_urls,
+                help="POST a signed JSON event here when a job ends (repeatable; adds to "
+                "the manifests' notify:).",
+            ),
+            click.option(
+                "--notify-secret-file",
+                type=click.Path(dir_okay=False, path_type=Path),
+                help="The HMAC-SHA256 secret that signs events (or ORCHESTRATOR_NOTIFY_SECRET).",
+            ),
+            click.option(
+                "--notify-milestones",
+                is_flag=True,
+                help="Also notify when validation and training begin.",
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
+
+
+def _check_urls(ctx: click.Context, param: click.Parameter, urls: tuple[str, ...]) -> Any:
+    from orchestrator.manifest import http_url
+
+    try:
+        return tuple(http_url(url) for url in urls)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _notifications(urls: tuple[str, ...], secret_file: Path | None) -> Notifications:
+    """The CLI's notification URLs and the secret, from a file or the environment."""
+    from orchestrator.runner import Notifications
+
+    secret = os.environ.get("ORCHESTRATOR_NOTIFY_SECRET", "").encode() or None
+    if secret_file is not None:
+        try:
+            secret = secret_file.read_bytes().strip() or None
+        except OSError as exc:
+            raise InputError(f"--notify-secret-file {secret_file}: {exc.strerror}") from None
+    _redactor().add_secret(secret.decode(errors="replace") if secret else None)
+    return Notifications(urls, secret)
+
+
 def _settings(
     upload_concurrency: int,
     api_concurrency: int,
@@ -173,6 +224,7 @@ def cli() -> None:
 )
 @click.option("--live/--no-live", default=None, help="Live view (default: when a terminal).")
 @verbose_option
+@_notify_options
 @_settings_options
 def run(
     manifest_path: Path,
@@ -182,16 +234,27 @@ def run(
     replace_names: tuple[str, ...],
     live: bool | None,
     verbose: bool,
+    notify_urls: tuple[str, ...],
+    notify_secret_file: Path | None,
+    notify_milestones: bool,
     **settings_kw: Any,
 ) -> None:
     """Advance every job of MANIFEST; a rerun resumes where the last one stopped."""
-    settings = _settings(**settings_kw)
+    settings = replace(_settings(**settings_kw), notify_milestones=notify_milestones)
     show_live = sys.stderr.isatty() if live is None else live
     redactor = _redactor()
     _logging(redactor, quiet=show_live, verbose=verbose)
+    notify = _notifications(notify_urls, notify_secret_file)
     sys.exit(
         _run_and_report(
-            manifest_path, state_path, until, retry_failed, replace_names, settings, show_live
+            manifest_path,
+            state_path,
+            until,
+            retry_failed,
+            replace_names,
+            settings,
+            show_live,
+            notify,
         )
     )
 
@@ -204,6 +267,7 @@ def _run_and_report(
     replace_names: Sequence[str],
     settings: EngineSettings,
     live: bool,
+    notify: Notifications | None = None,
 ) -> int:
     """``run_manifest``, its summary printed; the exit code."""
     from orchestrator.runner import run_manifest
@@ -219,6 +283,7 @@ def _run_and_report(
             settings=settings,
             redactor=redactor,
             live=live,
+            notify=notify,
         )
     )
     _print_summary(result, redactor)
@@ -368,35 +433,100 @@ def validate(manifest_path: Path, min_examples: int) -> None:
 # --------------------------------------------------------------------- status
 
 
-@cli.command()
-@state_option
-@click.option("--json", "as_json", is_flag=True, help="A JSON array instead of a table.")
-@click.option("--history", is_flag=True, help="Every transition of the named jobs.")
-@click.argument("names", nargs=-1)
-def status(state_path: Path, as_json: bool, history: bool, names: tuple[str, ...]) -> None:
-    """Show jobs from the state file (works beside a running engine)."""
-    from orchestrator.view import text_table, unknown_status_note
+def _selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(
+        [
+            click.argument("patterns", nargs=-1, metavar="[NAME|GLOB]..."),
+            click.option(
+                "--where",
+                multiple=True,
+                metavar="KEY=VALUE",
+                help="Only jobs whose KEY (state, provider, model, remote_status, manifest) "
+                "is VALUE; repeatable.",
+            ),
+            click.option(
+                "--manifest",
+                "manifest_filter",
+                type=click.Path(path_type=Path),
+                help="Only jobs recorded from this manifest.",
+            ),
+        ]
+    ):
+        fn = option(fn)
+    return fn
 
+
+def _selected(
+    state_path: Path, patterns: Sequence[str], where: Sequence[str], manifest: Path | None
+) -> list[JobRecord]:
+    """The jobs of the state file that the command's selection names."""
+    from orchestrator.selection import Selection
+
+    selection = Selection.parse(patterns, where, manifest)
     if not state_path.exists():
         raise InputError(f"{state_path}: no state file (run a manifest first, or pass --state)")
 
-    async def go() -> tuple[list[Any], dict[str, list[Transition]]]:
+    async def load() -> dict[str, JobRecord]:
         store = SqliteStore(state_path)
         try:
-            records = await store.load(names or None)
-            histories = {n: await store.history(n) for n in names} if history else {}
+            return await store.load()
         finally:
             store.close()
-        return sorted(records.values(), key=lambda r: r.name), histories
 
-    records, histories = _run_async(go)
-    missing = [n for n in names if n not in {r.name for r in records}]
-    if missing:
-        raise InputError(f"no such job in {state_path}: {', '.join(missing)}")
+    return selection.pick(_run_async(load).values(), state_path)
+
+
+@cli.command()
+@state_option
+@click.option("--json", "as_json", is_flag=True, help="A JSON array instead of a table.")
+@click.option("--history", is_flag=True, help="Every transition of the shown jobs.")
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Refresh the table in place until every shown job has ended.",
+)
+@_selection_options
+def status(
+    state_path: Path,
+    as_json: bool,
+    history: bool,
+    watch: bool,
+    patterns: tuple[str, ...],
+    where: tuple[str, ...],
+    manifest_filter: Path | None,
+) -> None:
+    """Show jobs from the state file (works beside a running engine)."""
+    records = _selected(state_path, patterns, where, manifest_filter)
     redact = _redactor().text
     if as_json:
         click.echo(redact(json.dumps([r.public() for r in records], indent=2)))
         return
+    if watch:
+        _watch_status(state_path, patterns, where, manifest_filter)
+        return
+    click.echo(redact(_status_text(records)))
+    waiting = _run_async(lambda: _undelivered(state_path))
+    if waiting:
+        urls = sorted({event.url for event in waiting})
+        click.echo(
+            redact(
+                f"\n{_plural(len(waiting), 'notification')} not delivered yet, to "
+                + ", ".join(urls)
+                + " (a run or daemon with the secret delivers them)"
+            )
+        )
+    if history:
+        histories = _run_async(lambda: _histories(state_path, [r.name for r in records]))
+        for name, transitions in histories.items():
+            click.echo(f"\n{name}:")
+            for t in transitions:
+                line = f"  {_iso(t.at)}  {t.old.value if t.old else '-'} -> {t.new.value}"
+                click.echo(redact(line + (f"  ({t.detail})" if t.detail else "")))
+
+
+def _status_text(records: Sequence[JobRecord]) -> str:
+    from orchestrator.view import text_table, unknown_status_note
+
     headers = ["job", "state", "remote status", "dataset", "finetune", "model / error"]
     abandoned = any(r.abandoned_datasets or r.abandoned_finetunes for r in records)
     if abandoned:  # left behind by expired URLs, restarts, retries and replaces
@@ -409,21 +539,142 @@ def status(state_path: Path, as_json: bool, history: bool, names: tuple[str, ...
         if abandoned:
             row.append(", ".join((*r.abandoned_datasets, *r.abandoned_finetunes)) or None)
         rows.append(row)
-    click.echo(redact(text_table(headers, rows)))
+    text = text_table(headers, rows)
     notes = [note for r in records if (note := unknown_status_note(r))]
     if notes:
-        click.echo("\nunknown gateway statuses (the job keeps polling until its deadline):")
-        for note in notes:
-            click.echo(redact(f"  {note}"))
-    for name, transitions in histories.items():
-        click.echo(f"\n{name}:")
-        for t in transitions:
-            click.echo(
-                redact(
-                    f"  {_iso(t.at)}  {t.old.value if t.old else '-'} -> {t.new.value}"
-                    + (f"  ({t.detail})" if t.detail else "")
-                )
-            )
+        text += "\n\nunknown gateway statuses (the job keeps polling until its deadline):"
+        text += "".join(f"\n  {note}" for note in notes)
+    return text
+
+
+def _watch_status(
+    state_path: Path, patterns: Sequence[str], where: Sequence[str], manifest: Path | None
+) -> None:
+    """The status table, read again every second, until every shown job has ended."""
+    import time
+
+    from rich.console import Console
+    from rich.live import Live
+    from rich.text import Text
+
+    redact = _redactor().text
+    with Live(console=Console(), auto_refresh=False) as live:
+        while True:
+            records = _selected(state_path, patterns, where, manifest)
+            live.update(Text(redact(_status_text(records))), refresh=True)
+            if all(r.state.terminal for r in records):
+                return
+            time.sleep(1.0)
+
+
+async def _undelivered(state_path: Path) -> list[Any]:
+    store = SqliteStore(state_path)
+    try:
+        return await store.undelivered()
+    finally:
+        store.close()
+
+
+async def _histories(state_path: Path, names: Sequence[str]) -> dict[str, list[Transition]]:
+    store = SqliteStore(state_path)
+    try:
+        return {name: await store.history(name) for name in names}
+    finally:
+        store.close()
+
+
+# -------------------------------------------------------------------- results
+
+
+@cli.command()
+@state_option
+@click.option(
+    "--format",
+    "output",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="How to print the rows.",
+)
+@_selection_options
+def results(
+    state_path: Path,
+    output: str,
+    patterns: tuple[str, ...],
+    where: tuple[str, ...],
+    manifest_filter: Path | None,
+) -> None:
+    """One row per finished job: the fine-tuned model to hand on, or why it failed."""
+    import csv
+    import io
+
+    from orchestrator.view import text_table
+
+    records = _selected(state_path, patterns, where, manifest_filter)
+    rows = [r.result() for r in records if r.state.terminal]
+    redact = _redactor().text
+    if output == "json":
+        click.echo(redact(json.dumps(rows, indent=2)))
+        return
+    columns = list(rows[0]) if rows else list(JobRecord(name="", fingerprint="").result())
+    if output == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        click.echo(redact(buffer.getvalue()), nl=False)
+        return
+    shown = ["name", "state", "provider", "base_model", "fine_tuned_model", "finished_at"]
+    table = [[row[c] for c in shown] + [row["reason"] or _size_of(row)] for row in rows]
+    click.echo(redact(text_table([*shown, "reason / size"], table)))
+
+
+def _size_of(row: dict[str, Any]) -> str | None:
+    parts = [f"{row[k]} {k}" for k in ("records", "tokens", "units") if row[k] is not None]
+    return ", ".join(parts) or None
+
+
+# --------------------------------------------------------------------- forget
+
+
+@cli.command()
+@state_option
+@click.option(
+    "--finished-before",
+    type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
+    help="Every job that ended before this date (UTC), besides any named.",
+)
+@click.argument("names", nargs=-1)
+def forget(state_path: Path, finished_before: Any, names: tuple[str, ...]) -> None:
+    """Remove finished jobs and their history from the state file. Jobs in flight are
+    refused: cancel them first."""
+    from calendar import timegm
+
+    if not names and finished_before is None:
+        raise click.UsageError("name the jobs to forget, or pass --finished-before DATE")
+    records = _selected(state_path, (), (), None)
+    by_name = {r.name: r for r in records}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise InputError(f"no such job in {state_path}: {', '.join(missing)}")
+    chosen = [by_name[n] for n in names]
+    if finished_before is not None:
+        cutoff = timegm(finished_before.timetuple())
+        chosen += [r for r in records if r.state.terminal and r.updated_at < cutoff]
+    in_flight = sorted({r.name for r in chosen if not r.state.terminal})
+    if in_flight:
+        raise InputError(f"still in flight, not forgotten: {', '.join(in_flight)}")
+    gone = sorted({r.name for r in chosen})
+
+    async def go() -> None:
+        store = SqliteStore(state_path)
+        try:
+            await store.forget(gone)
+        finally:
+            store.close()
+
+    _run_async(go)
+    click.echo(f"forgot {_plural(len(gone), 'job')}" + (f": {', '.join(gone)}" if gone else ""))
 
 
 def _iso(ts: float) -> str:
@@ -521,7 +772,13 @@ def cancel(
     show_default=True,
     help="Seconds in-flight steps get to finish on SIGTERM/SIGINT.",
 )
+@click.option(
+    "--auth-token-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A bearer token the page and the JSON require (needed to listen off loopback).",
+)
 @verbose_option
+@_notify_options
 @_settings_options
 def daemon(
     watch_dir: Path,
@@ -530,18 +787,42 @@ def daemon(
     rescan: float,
     force_polling: bool,
     shutdown_grace: float,
+    auth_token_file: Path | None,
     verbose: bool,
+    notify_urls: tuple[str, ...],
+    notify_secret_file: Path | None,
+    notify_milestones: bool,
     **settings_kw: Any,
 ) -> None:
-    """Watch a folder of manifests and drive their jobs until SIGTERM."""
-    from orchestrator.daemon import Daemon, parse_listen
+    """Watch a folder of manifests and drive their jobs until SIGTERM. Serves a status
+    page at / besides /healthz, /metrics and /jobs."""
+    from orchestrator.daemon import Daemon, is_loopback, parse_listen
 
     address = parse_listen(listen)
+    token = None
+    if auth_token_file is not None:
+        try:
+            token = auth_token_file.read_text().strip() or None
+        except OSError as exc:
+            raise InputError(f"--auth-token-file {auth_token_file}: {exc.strerror}") from None
+        if token is None:
+            raise InputError(f"--auth-token-file {auth_token_file}: the file is empty")
+    elif not is_loopback(address[0]):
+        raise InputError(
+            f"--listen {listen}: not a loopback address; the page and the JSON would be open "
+            "to the network: pass --auth-token-file FILE"
+        )
     if not watch_dir.is_dir():
         raise InputError(f"--watch {watch_dir}: not a folder")
-    settings = replace(_settings(**settings_kw), shutdown_grace=shutdown_grace)
+    settings = replace(
+        _settings(**settings_kw),
+        shutdown_grace=shutdown_grace,
+        notify_milestones=notify_milestones,
+    )
     redactor = _redactor()
     _logging(redactor, verbose=verbose)
+    redactor.add_secret(token)
+    notify = _notifications(notify_urls, notify_secret_file)
     # Every manifest's key is registered as it loads; the environment's one now.
     redactor.add_secret(os.environ.get("PORTKEY_API_KEY"))
     lock = OwnerLock(state_path)
@@ -558,6 +839,8 @@ def daemon(
                 rescan_interval=rescan,
                 force_polling=force_polling,
                 redactor=redactor,
+                notify=notify,
+                auth_token=token,
             )
             _run_async(service.run)
         finally:

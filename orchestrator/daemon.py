@@ -14,6 +14,8 @@ that manifest and never stops the watching.
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import json
 import signal
 import time
@@ -36,7 +38,7 @@ from orchestrator.logs import Redactor
 from orchestrator.manifest import Manifest, load_manifest
 from orchestrator.metrics import Metrics
 from orchestrator.plan import inspect_datasets, plan_jobs
-from orchestrator.runner import Gateway, gateway_of, open_engine
+from orchestrator.runner import Gateway, Notifications, gateway_of, open_engine
 from orchestrator.settings import EngineSettings
 from orchestrator.store import SqliteStore
 
@@ -63,6 +65,8 @@ class Daemon:
     rescan_interval: float = 30.0
     force_polling: bool = False
     redactor: Redactor | None = None
+    notify: Notifications = field(default_factory=Notifications)
+    auth_token: str | None = None  # required of every request but /healthz when set
     manifests: dict[Path, ManifestFile] = field(default_factory=dict)
     engines: dict[Gateway, Engine] = field(default_factory=dict)
     stopping: bool = False
@@ -81,8 +85,11 @@ class Daemon:
         async with AsyncExitStack() as stack:
             runner = await self._start_http()
             stack.push_async_callback(runner.cleanup)
+            notifier = await stack.enter_async_context(self.notify.notifier(self.store))
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                if notifier is not None:
+                    tg.start_soon(notifier.serve)
                 tg.start_soon(self._heartbeat)
                 tg.start_soon(self._watch)
                 tg.start_soon(self._watch_engines, tg.cancel_scope)
@@ -210,7 +217,7 @@ class Daemon:
         log.error("manifest skipped", manifest=str(entry.path), error=entry.error)
 
     async def _admit(self, entry: ManifestFile) -> None:
-        manifest = await anyio.to_thread.run_sync(load_manifest, entry.path)
+        manifest = self.notify.apply(await anyio.to_thread.run_sync(load_manifest, entry.path))
         gateway = gateway_of(manifest)
         if self.redactor is not None:
             self.redactor.add_secret(manifest.api_key)
@@ -267,10 +274,14 @@ class Daemon:
     # ---------------------------------------------------------------------- HTTP
 
     async def _start_http(self) -> web.AppRunner:
-        app = web.Application()
+        app = web.Application(middlewares=[self._auth])
+        app.router.add_get("/", self._page)
+        app.router.add_get("/login", self._login_form)
+        app.router.add_post("/login", self._login)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/jobs", self._jobs)
+        app.router.add_get("/jobs/{name}", self._job)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         site = web.TCPSite(runner, *self.listen)
@@ -300,6 +311,69 @@ class Daemon:
             body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
 
+    # What leaves over HTTP passes through the same redaction as the logs.
+    def _json(self, data: Any) -> web.Response:
+        text = json.dumps(data, indent=2)
+        if self.redactor is not None:
+            text = self.redactor.text(text)
+        return web.Response(text=text, content_type="application/json")
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """With a token, everything but ``/healthz`` and ``/login`` needs it: as a bearer
+        token, or as the cookie a login with it set."""
+        token = self.auth_token
+        if token is None or request.path in ("/healthz", "/login"):
+            response: web.StreamResponse = await handler(request)
+            return response
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        given = given or request.cookies.get(AUTH_COOKIE, "")
+        if given and hmac.compare_digest(given.encode(), token.encode()):
+            response = await handler(request)
+            return response
+        if request.path == "/":
+            return web.Response(status=401, text=_LOGIN_PAGE, content_type="text/html")
+        return web.json_response({"error": "a bearer token is required"}, status=401)
+
+    async def _login_form(self, request: web.Request) -> web.Response:
+        return web.Response(text=_LOGIN_PAGE, content_type="text/html")
+
+    async def _login(self, request: web.Request) -> web.Response:
+        token = str((await request.post()).get("token", ""))
+        if self.auth_token is None or not hmac.compare_digest(
+            token.encode(), self.auth_token.encode()
+        ):
+            return web.Response(status=401, text=_LOGIN_PAGE, content_type="text/html")
+        response = web.HTTPSeeOther("/")
+        response.set_cookie(AUTH_COOKIE, token, httponly=True, samesite="Strict", path="/")
+        return response
+
+    async def _page(self, request: web.Request) -> web.Response:
+        page = await anyio.Path(STATUS_PAGE).read_text()
+        return web.Response(text=page, content_type="text/html")
+
+    async def _job(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        record = (await self.store.load([name])).get(name)
+        if record is None:
+            return web.json_response({"error": f"no such job: {name}"}, status=404)
+        history = [
+            {
+                "at": _iso(t.at),
+                "old": t.old.value if t.old else None,
+                "new": t.new.value,
+                "detail": t.detail,
+            }
+            for t in await self.store.history(name)
+        ]
+        progress = self.metrics.uploads.get(name)
+        upload = (
+            {"sent": progress.sent, "total": progress.total, "rate": round(progress.rate)}
+            if progress
+            else None
+        )
+        return self._json({"record": record.public(), "history": history, "upload": upload})
+
     async def _jobs(self, request: web.Request) -> web.Response:
         records = await self.store.load()
         out: list[dict[str, Any]] = [records[n].public() for n in sorted(records)]
@@ -313,7 +387,31 @@ class Daemon:
                         "error": entry.error,
                     }
                 )
-        return web.Response(text=json.dumps(out, indent=2), content_type="application/json")
+        return self._json(out)
+
+
+AUTH_COOKIE = "orchestrator_token"
+STATUS_PAGE = Path(__file__).parent / "static" / "status.html"
+_LOGIN_PAGE = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1"><title>Sign in</title>
+<style>body{font:15px system-ui,sans-serif;max-width:360px;margin:15vh auto;padding:0 16px}
+input,button{font:inherit;padding:8px;width:100%;margin-top:8px}</style></head><body>
+<h1>Fine-tune orchestrator</h1><form method="post" action="/login">
+<label>Token <input name="token" type="password" autocomplete="current-password"></label>
+<button type="submit">Sign in</button></form></body></html>"""
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _list_manifests(folder: Path) -> dict[Path, tuple[int, int]]:

@@ -34,6 +34,7 @@ from orchestrator.errors import (
     UploadError,
 )
 from orchestrator.lifecycle import JobRun, Lifecycle
+from orchestrator.notify import events_for
 from orchestrator.plan import Action, PlannedJob
 from orchestrator.retry import RetryPolicy
 from orchestrator.states import JobRecord, State, Transition, check_transition
@@ -307,6 +308,8 @@ class Engine:
                 fingerprint=plan.fingerprint,
                 manifest=spec.manifest,
                 base_url=self.lc.client.identity,
+                provider=spec.provider,
+                model=spec.model,
                 content_sha256=plan.report.sha256 if plan.report else None,
                 **changes,
             )
@@ -346,13 +349,13 @@ class Engine:
             await store.clear_cancel(spec.name)
             record = fresh(**carried)
             detail = plan.action.value
-        if old is not None:
-            check_transition(old.state, record.state)
+        old_state = old.state if old is not None else None
+        if old_state is not None:
+            check_transition(old_state, record.state)
         await store.save(
             record,
-            Transition(
-                spec.name, old.state if old else None, record.state, record.updated_at, detail
-            ),
+            Transition(spec.name, old_state, record.state, record.updated_at, detail),
+            events=events_for(record, old_state, spec.notify, self.lc.settings.notify_milestones),
         )
         return record
 

@@ -102,6 +102,17 @@ class Finetune(GatewayModel):
                 return message
         return None
 
+    def usage(self) -> dict[str, Any] | None:
+        """What the gateway reported of the training's size, where it said anything."""
+        metadata, extra = self.metadata or {}, self.model_extra or {}
+        found = {
+            "records": metadata.get("trainingRecords"),
+            "units": metadata.get("trainingUnits"),
+            "tokens": metadata.get("trainedTokens") or extra.get("trainedTokens"),
+        }
+        found = {k: v for k, v in found.items() if isinstance(v, int | float)}
+        return found or None
+
 
 def error_text(error: Any) -> str | None:
     """A gateway error as one line: a string as it is, an object as its message with

@@ -46,6 +46,7 @@ from orchestrator.errors import (
 from orchestrator.gateway import Finetune, GatewayClient
 from orchestrator.manifest import JobSpec
 from orchestrator.metrics import Metrics
+from orchestrator.notify import events_for
 from orchestrator.sessions import HttpSession
 from orchestrator.settings import EngineSettings
 from orchestrator.states import JobRecord, State, Transition, check_transition
@@ -203,7 +204,8 @@ class Lifecycle:
             detail = self.redact(detail)
         record = run.record.evolve(state=new, **changes)
         transition = Transition(record.name, old, new, record.updated_at, detail)
-        await self.store.save(record, transition, dataset=shares)
+        events = events_for(record, old, run.spec.notify, self.settings.notify_milestones)
+        await self.store.save(record, transition, dataset=shares, events=events)
         run.record = record
         if old in POLLING_STATES and new is not old:
             self.clock.left(run, old)
@@ -500,6 +502,7 @@ async def start_training(lc: Lifecycle, run: JobRun) -> None:
         State.TRAINING,
         intent=None,
         phase_started_at=now,
+        training_started_at=now,
         phase_adopted=False,
         poll_attempt=0,
         next_poll_at=now + lc.clock.poll_delay(run, lc.settings.poll.initial, State.TRAINING),
@@ -650,6 +653,7 @@ async def _adopt(lc: Lifecycle, run: JobRun, seen: Observation, detail: str | No
             State.FAILED,
             f"{what} failed",
             error=f"{what} failed: {message}",
+            usage=finetune.usage(),
             intent=None,
             next_poll_at=None,
             **fields,
@@ -669,6 +673,7 @@ async def _adopt(lc: Lifecycle, run: JobRun, seen: Observation, detail: str | No
             State.SUCCEEDED,
             detail,
             fine_tuned_model=finetune.slug,
+            usage=finetune.usage(),
             intent=None,
             next_poll_at=None,
             **fields,
@@ -679,6 +684,8 @@ async def _adopt(lc: Lifecycle, run: JobRun, seen: Observation, detail: str | No
         )
     else:  # validating (or created again after validation) / training: follow it there
         state = State.TRAINING if phase is Phase.TRAINING else State.VALIDATING
+        if state is State.TRAINING:
+            fields["training_started_at"] = now  # as first seen: it began before
         if run.record.state is not state:
             await lc.transition(
                 run,

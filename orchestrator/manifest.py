@@ -67,7 +67,8 @@ def _job_name(value: Any) -> str:
     return value
 
 
-def _http_url(value: Any) -> str:
+def http_url(value: Any) -> str:
+    """An http(s) URL with a host, without a trailing slash; ValueError otherwise."""
     if not isinstance(value, str) or not re.match(r"^https?://[^/\s]+", value):
         raise ValueError("must be an http:// or https:// URL")
     try:
@@ -102,7 +103,7 @@ class Hyperparameters(BaseModel):
 
 
 class GatewaySection(_Strict):
-    base_url: Annotated[str, BeforeValidator(_http_url)] | None = None
+    base_url: Annotated[str, BeforeValidator(http_url)] | None = None
     api_key: Text | None = None
 
 
@@ -124,6 +125,7 @@ class ManifestSection(_Strict):
     gateway: GatewaySection | None = None
     defaults: JobFields | None = None
     statuses: dict[Phase, list[Text]] | None = None
+    notify: list[Annotated[str, BeforeValidator(http_url)]] | None = None
     jobs: list[JobSection]
 
 
@@ -144,6 +146,7 @@ class JobSpec:
     s3_key: str | None
     line: int = 0
     manifest: str = ""  # the manifest file it came from
+    notify: tuple[str, ...] = ()  # URLs told when the job ends (not part of its spec)
 
     @property
     def dataset_name(self) -> str:
@@ -351,7 +354,7 @@ def _validate(
     base_url = gateway.base_url
     if base_url is None and env.get("PORTKEY_BASE_URL"):
         try:
-            base_url = _http_url(env["PORTKEY_BASE_URL"])
+            base_url = http_url(env["PORTKEY_BASE_URL"])
         except ValueError as exc:
             raise ManifestError(shown, 0, "PORTKEY_BASE_URL", str(exc)) from None
     api_key = gateway.api_key or env.get("PORTKEY_API_KEY") or None
@@ -396,6 +399,7 @@ def _validate(
                 s3_key=job.s3_key.lstrip("/") if job.s3_key else None,
                 line=lines.get(at, 0),
                 manifest=str(path.absolute()),
+                notify=tuple(section.notify or ()),
             )
         )
     statuses = default_status_map()

@@ -12,7 +12,7 @@ import random
 import signal
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import anyio
@@ -32,8 +32,10 @@ from orchestrator.lifecycle import JobRun, Lifecycle
 from orchestrator.logs import Redactor
 from orchestrator.manifest import JobSpec, Manifest, load_manifest
 from orchestrator.metrics import Metrics
+from orchestrator.notify import Notifier
 from orchestrator.plan import PlannedJob, inspect_datasets, plan_in_chunks
-from orchestrator.settings import EngineSettings
+from orchestrator.sessions import open_session
+from orchestrator.settings import ClientSettings, EngineSettings
 from orchestrator.states import JobRecord
 from orchestrator.statuses import StatusMap, default_status_map
 from orchestrator.store import CheckpointStore, OwnerLock, SqliteStore
@@ -123,6 +125,42 @@ async def open_engine(
         yield Engine(lc, until=until, keep_finished=keep_finished)
 
 
+# ---------------------------------------------------------------- notifications
+
+
+@dataclass(frozen=True)
+class Notifications:
+    """Where job events go besides each manifest's ``notify:``, and the secret that signs
+    them (never stored)."""
+
+    urls: tuple[str, ...] = ()
+    secret: bytes | None = None
+
+    def apply(self, manifest: Manifest) -> Manifest:
+        """The manifest with these URLs added to every job; an InputError when some job
+        has URLs to tell and there is no secret to sign with."""
+        jobs = tuple(replace(job, notify=(*job.notify, *self.urls)) for job in manifest.jobs)
+        if self.secret is None and any(job.notify for job in jobs):
+            raise InputError(
+                f"{manifest.path}: notifications need a secret to sign them: "
+                "--notify-secret-file FILE or ORCHESTRATOR_NOTIFY_SECRET"
+            )
+        return replace(manifest, jobs=jobs)
+
+    @asynccontextmanager
+    async def notifier(self, store: CheckpointStore) -> AsyncIterator[Notifier | None]:
+        """A notifier for ``store``'s outbox, with a session of its own (None without a
+        secret: the events wait in the outbox for a run that has one)."""
+        if self.secret is None:
+            yield None
+            return
+        session = open_session(ClientSettings(connect_timeout=10.0, read_timeout=30.0))
+        try:
+            yield Notifier(store, session, self.secret)
+        finally:
+            await session.aclose()
+
+
 # ------------------------------------------------------------------------- run
 
 
@@ -142,11 +180,13 @@ async def run_manifest(
     settings: EngineSettings,
     redactor: Redactor,
     live: bool,
+    notify: Notifications | None = None,
 ) -> BatchResult:
     """``orchestrator run``: plan every job against the state file, then drive them.
     Bad input (manifest, datasets, URL, key) raises ``InputError`` before anything is
     stored or sent."""
-    manifest = load_manifest(manifest_path)
+    notify = notify or Notifications()
+    manifest = notify.apply(load_manifest(manifest_path))
     redactor.add_secret(manifest.api_key)
     gateway = gateway_of(manifest)
     unknown = set(replace) - {j.name for j in manifest.jobs}
@@ -189,19 +229,28 @@ async def run_manifest(
 
         store = store or SqliteStore(state_path)
         try:
-            async with open_engine(
-                gateway,
-                manifest.statuses,
-                store,
-                settings,
-                Metrics(),
-                until=until,
-                preflight=False,
-                redactor=redactor,
-            ) as engine:
+            async with (
+                open_engine(
+                    gateway,
+                    manifest.statuses,
+                    store,
+                    settings,
+                    Metrics(),
+                    until=until,
+                    preflight=False,
+                    redactor=redactor,
+                ) as engine,
+                notify.notifier(store) as notifier,
+                anyio.create_task_group() as delivery,
+            ):
+                if notifier is not None:
+                    delivery.start_soon(notifier.serve)
                 summary = await drive_with_signals(
                     engine, every_chunk(), settings.shutdown_grace, live
                 )
+                if notifier is not None and not summary.interrupted:
+                    await notifier.drain(settings.notify_grace)
+                delivery.cancel_scope.cancel()
         except* StoreError as failed:  # mid-run: what was committed stays committed
             summary = RunSummary(broken=str(failed.exceptions[0]))
     finally:

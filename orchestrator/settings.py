@@ -81,6 +81,8 @@ class EngineSettings:
     step_deadline: float = 6 * 3600.0
     cancel_check_interval: float = 1.0
     shutdown_grace: float = 10.0
+    notify_milestones: bool = False  # besides the end: when validating and training begin
+    notify_grace: float = 10.0  # how long a batch waits at its end to deliver notifications
     client: ClientSettings = field(default_factory=ClientSettings)
     upload: UploadSettings = field(default_factory=UploadSettings)
     poll: PollSettings = field(default_factory=PollSettings)

@@ -94,6 +94,8 @@ class JobRecord:
     state: State = State.PENDING
     manifest: str = ""
     base_url: str = ""
+    provider: str = ""
+    model: str = ""  # the base model
     attempt: int = 1  # part of the idempotency keys; a retry or replace starts a new one
     intent: str | None = None  # a non-idempotent call that may have happened
     content_sha256: str | None = None
@@ -106,6 +108,7 @@ class JobRecord:
     remote_status: str | None = None
     unknown_status_since: float | None = None  # remote_status is mapped to no phase
     fine_tuned_model: str | None = None
+    usage: dict[str, Any] | None = None  # what the gateway reported of size: records, tokens
     error: str | None = None
     # Failed on our side (a deadline, an internal error), not by the gateway's word: what
     # the gateway made for this attempt may be alive, so a retry replays the same
@@ -116,6 +119,7 @@ class JobRecord:
     phase_started_at: float | None = None  # when validating/training began, for deadlines
     # The phase began before we saw it (adopted): its duration teaches the clock nothing.
     phase_adopted: bool = False
+    training_started_at: float | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
 
@@ -128,6 +132,8 @@ class JobRecord:
         return {
             "name": self.name,
             "state": self.state.value,
+            "provider": self.provider,
+            "model": self.model,
             "dataset_id": self.dataset_id,
             "finetune_id": self.finetune_id,
             "remote_status": self.remote_status,
@@ -136,13 +142,34 @@ class JobRecord:
             "s3_key": self.s3_key,
             "abandoned_datasets": list(self.abandoned_datasets),
             "abandoned_finetunes": list(self.abandoned_finetunes),
-            "unknown_status_since": _iso(self.unknown_status_since)
-            if self.unknown_status_since
-            else None,
+            "unknown_status_since": _iso_or_none(self.unknown_status_since),
             "attempt": self.attempt,
             "manifest": self.manifest,
+            "usage": self.usage,
             "created_at": _iso(self.created_at),
+            "training_started_at": _iso_or_none(self.training_started_at),
             "updated_at": _iso(self.updated_at),
+        }
+
+    def result(self) -> dict[str, Any]:
+        """One row of ``orchestrator results``: what a finished job hands on."""
+        started, finished = self.training_started_at, self.updated_at
+        usage = self.usage or {}
+        return {
+            "name": self.name,
+            "manifest": self.manifest,
+            "provider": self.provider,
+            "base_model": self.model,
+            "fine_tuned_model": self.fine_tuned_model,
+            "state": self.state.value,
+            "reason": self.error if self.state is State.FAILED else None,
+            "submitted_at": _iso(self.created_at),
+            "training_started_at": _iso_or_none(started),
+            "finished_at": _iso(finished),
+            "training_seconds": round(finished - started) if started else None,
+            "records": usage.get("records"),
+            "tokens": usage.get("tokens"),
+            "units": usage.get("units"),
         }
 
 
@@ -157,3 +184,7 @@ class Transition:
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _iso_or_none(ts: float | None) -> str | None:
+    return _iso(ts) if ts is not None else None

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -27,6 +28,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from orchestrator.errors import StateLockedError, StoreError
+from orchestrator.notify import OutboxEvent
 from orchestrator.states import JobRecord, State, Transition
 
 SCHEMA_VERSION = 2
@@ -50,9 +52,10 @@ class CheckpointStore(Protocol):
         transition: Transition | None = None,
         *,
         dataset: SharedDataset | None = None,
+        events: Sequence[OutboxEvent] = (),
     ) -> None:
-        """Returns once the record, its transition and a dataset it made shareable are
-        durable, in one commit."""
+        """Returns once the record, its transition, a dataset it made shareable and the
+        notifications it owes are durable, in one commit."""
 
     async def history(self, name: str) -> list[Transition]: ...
 
@@ -74,6 +77,18 @@ class CheckpointStore(Protocol):
 
     async def find_dataset(self, content_key: str) -> SharedDataset | None: ...
 
+    async def forget(self, names: Iterable[str]) -> None:
+        """Remove these jobs, their history and any cancel request for them."""
+
+    async def due_events(self, now: float, limit: int) -> list[OutboxEvent]:
+        """Undelivered notifications due by ``now``, oldest first."""
+
+    async def event_delivered(self, event_id: int) -> None: ...
+
+    async def event_failed(self, event_id: int, next_at: float) -> None: ...
+
+    async def undelivered(self) -> list[OutboxEvent]: ...
+
 
 # ------------------------------------------------------------------ row mapping
 
@@ -87,6 +102,8 @@ def _to_row(record: JobRecord) -> tuple[Any, ...]:
     row[_FIELDS.index("state")] = record.state.value
     for name in _LISTS:
         row[_FIELDS.index(name)] = json.dumps(list(values[name]))
+    if record.usage is not None:
+        row[_FIELDS.index("usage")] = json.dumps(record.usage)
     return tuple(row)
 
 
@@ -97,6 +114,8 @@ def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
     values["phase_adopted"] = bool(values["phase_adopted"])
     for name in _LISTS:
         values[name] = tuple(json.loads(values[name] or "[]"))
+    if values["usage"] is not None:
+        values["usage"] = json.loads(values["usage"])
     return JobRecord(**values)
 
 
@@ -108,6 +127,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     state TEXT NOT NULL,
     manifest TEXT NOT NULL,
     base_url TEXT NOT NULL,
+    provider TEXT NOT NULL DEFAULT '',
+    model TEXT NOT NULL DEFAULT '',
     attempt INTEGER NOT NULL,
     intent TEXT,
     content_sha256 TEXT,
@@ -120,12 +141,14 @@ CREATE TABLE IF NOT EXISTS jobs (
     remote_status TEXT,
     unknown_status_since REAL,
     fine_tuned_model TEXT,
+    usage TEXT,
     error TEXT,
     adoptable INTEGER NOT NULL DEFAULT 0,
     poll_attempt INTEGER NOT NULL,
     next_poll_at REAL,
     phase_started_at REAL,
     phase_adopted INTEGER NOT NULL DEFAULT 0,
+    training_started_at REAL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
@@ -140,6 +163,16 @@ CREATE TABLE IF NOT EXISTS transitions (
 CREATE INDEX IF NOT EXISTS transitions_by_name ON transitions (name, id);
 CREATE TABLE IF NOT EXISTS cancel_requests (name TEXT PRIMARY KEY, requested_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS phase_estimates (key TEXT PRIMARY KEY, seconds REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    url TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at REAL NOT NULL,
+    delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (delivered_at, next_at);
 CREATE TABLE IF NOT EXISTS datasets (
     content_key TEXT PRIMARY KEY,
     dataset_id TEXT NOT NULL,
@@ -156,6 +189,10 @@ ALTER TABLE jobs ADD COLUMN abandoned_finetunes TEXT NOT NULL DEFAULT '[]';
 ALTER TABLE jobs ADD COLUMN unknown_status_since REAL;
 ALTER TABLE jobs ADD COLUMN adoptable INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN phase_adopted INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN provider TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN model TEXT NOT NULL DEFAULT '';
+ALTER TABLE jobs ADD COLUMN usage TEXT;
+ALTER TABLE jobs ADD COLUMN training_started_at REAL;
 """,
 }
 
@@ -166,7 +203,7 @@ _UPSERT = (
 )
 
 
-_Write = tuple[JobRecord, Transition | None] | SharedDataset
+_Write = tuple[JobRecord, Transition | None] | SharedDataset | OutboxEvent
 
 
 class _Batch:
@@ -256,9 +293,11 @@ class SqliteStore:
         transition: Transition | None = None,
         *,
         dataset: SharedDataset | None = None,
+        events: Sequence[OutboxEvent] = (),
     ) -> None:
         if dataset is not None:
             self._pending.append(dataset)  # goes out in the record's commit
+        self._pending.extend(events)  # so do the notifications it owes
         await self._commit((record, transition))
 
     async def _commit(self, item: _Write) -> None:
@@ -296,7 +335,8 @@ class SqliteStore:
             for i in items
             if isinstance(i, SharedDataset)
         ]
-        saves = [i for i in items if not isinstance(i, SharedDataset)]
+        events = [(e.url, e.body, now, now) for e in items if isinstance(e, OutboxEvent)]
+        saves = [i for i in items if isinstance(i, tuple)]
         # Later saves of the same job in one batch supersede earlier ones.
         rows = {record.name: _to_row(record) for record, _ in saves}
         history = [
@@ -313,6 +353,11 @@ class SqliteStore:
                     "INSERT INTO transitions (name, old_state, new_state, at, detail) "
                     "VALUES (?, ?, ?, ?, ?)",
                     history,
+                )
+            if events:
+                db.executemany(
+                    "INSERT INTO outbox (url, body, created_at, next_at) VALUES (?, ?, ?, ?)",
+                    events,
                 )
             if datasets:
                 db.executemany(
@@ -400,6 +445,50 @@ class SqliteStore:
 
         await self._run(write)
 
+    async def due_events(self, now: float, limit: int) -> list[OutboxEvent]:
+        def read() -> list[OutboxEvent]:
+            rows = self._db.execute(
+                "SELECT url, body, id, attempts FROM outbox WHERE delivered_at IS NULL"
+                " AND next_at <= ? ORDER BY id LIMIT ?",
+                (min(now, 1e300), limit),
+            ).fetchall()
+            return [OutboxEvent(*row) for row in rows]
+
+        result: list[OutboxEvent] = await self._run(read)
+        return result
+
+    async def event_delivered(self, event_id: int) -> None:
+        def write() -> None:
+            with self._db:
+                self._db.execute(
+                    "UPDATE outbox SET delivered_at = ? WHERE id = ?", (time.time(), event_id)
+                )
+
+        await self._run(write)
+
+    async def event_failed(self, event_id: int, next_at: float) -> None:
+        def write() -> None:
+            with self._db:
+                self._db.execute(
+                    "UPDATE outbox SET attempts = attempts + 1, next_at = ? WHERE id = ?",
+                    (next_at, event_id),
+                )
+
+        await self._run(write)
+
+    async def undelivered(self) -> list[OutboxEvent]:
+        return await self.due_events(math.inf, 1_000_000)
+
+    async def forget(self, names: Iterable[str]) -> None:
+        rows = [(name,) for name in names]
+
+        def write() -> None:
+            with self._db:
+                for table in ("jobs", "transitions", "cancel_requests"):
+                    self._db.executemany(f"DELETE FROM {table} WHERE name = ?", rows)
+
+        await self._run(write)
+
     async def load_estimates(self) -> dict[str, float]:
         def read() -> dict[str, float]:
             return dict(self._db.execute("SELECT key, seconds FROM phase_estimates").fetchall())
@@ -447,6 +536,9 @@ class MemoryStore:
         self.cancels: set[str] = set()
         self.datasets: dict[str, SharedDataset] = {}
         self.estimates: dict[str, float] = {}
+        self.outbox: dict[int, OutboxEvent] = {}
+        self.next_at: dict[int, float] = {}
+        self.delivered: set[int] = set()
 
     async def load(self, names: Iterable[str] | None = None) -> dict[str, JobRecord]:
         if names is None:
@@ -459,8 +551,13 @@ class MemoryStore:
         transition: Transition | None = None,
         *,
         dataset: SharedDataset | None = None,
+        events: Sequence[OutboxEvent] = (),
     ) -> None:
         await anyio.lowlevel.checkpoint()
+        for event in events:
+            number = len(self.outbox) + 1
+            self.outbox[number] = OutboxEvent(event.url, event.body, number)
+            self.next_at[number] = 0.0
         self.jobs[record.name] = record
         if transition is not None:
             self.transitions.append(transition)
@@ -478,6 +575,28 @@ class MemoryStore:
 
     async def clear_cancel(self, name: str) -> None:
         self.cancels.discard(name)
+
+    async def due_events(self, now: float, limit: int) -> list[OutboxEvent]:
+        due = [e for e in self.outbox.values() if e.id not in self.delivered]
+        return [e for e in due if self.next_at[e.id] <= now][:limit]
+
+    async def event_delivered(self, event_id: int) -> None:
+        self.delivered.add(event_id)
+
+    async def event_failed(self, event_id: int, next_at: float) -> None:
+        event = self.outbox[event_id]
+        self.outbox[event_id] = OutboxEvent(event.url, event.body, event_id, event.attempts + 1)
+        self.next_at[event_id] = next_at
+
+    async def undelivered(self) -> list[OutboxEvent]:
+        return await self.due_events(math.inf, 1_000_000)
+
+    async def forget(self, names: Iterable[str]) -> None:
+        gone = set(names)
+        for name in gone:
+            self.jobs.pop(name, None)
+        self.transitions = [t for t in self.transitions if t.name not in gone]
+        self.cancels -= gone
 
     async def find_dataset(self, content_key: str) -> SharedDataset | None:
         return self.datasets.get(content_key)

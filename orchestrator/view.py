@@ -28,6 +28,19 @@ def _size(n: float) -> str:
     return f"{n / 1024:.1f} GiB"
 
 
+SHOWN_IN_FLIGHT = 12
+_PHASES = (State.VALIDATING, State.TRAINING)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 def unknown_status_note(record: JobRecord, now: float | None = None) -> str | None:
     """For a job whose gateway status has stayed unknown for minutes: what it is, and
     the manifest line that would map it."""
@@ -61,6 +74,24 @@ def live_renderable(engine: Engine) -> Any:
             table.add_row(name, f"{_size(p.sent)} / {_size(p.total)}", f"{_size(p.rate)}/s", eta)
         parts.append(table)
     now = time.time()
+    waiting = sorted(
+        (run for run in engine.runs.values() if run.record.state in _PHASES),
+        key=lambda run: run.record.phase_started_at or now,
+    )
+    if waiting:
+        table = Table("in flight", "phase", "for", "expected end", box=None, padding=(0, 2))
+        for run in waiting[:SHOWN_IN_FLIGHT]:
+            record = run.record
+            end = engine.lc.clock.expected_end(run) if not record.phase_adopted else None
+            table.add_row(
+                record.name,
+                record.state.value,
+                _duration(now - (record.phase_started_at or now)),
+                f"in {_duration(end - now)}" if end and end > now else "-",
+            )
+        if len(waiting) > SHOWN_IN_FLIGHT:
+            table.add_row(f"... and {len(waiting) - SHOWN_IN_FLIGHT} more", "", "", "")
+        parts.append(table)
     notes = [note for run in engine.runs.values() if (note := unknown_status_note(run.record, now))]
     for note in notes[:5]:
         parts.append(Text(engine.lc.redact(note), style="yellow"))

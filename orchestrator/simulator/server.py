@@ -324,7 +324,8 @@ class Simulator:
 
     async def _validate(self, finetune: w.SimFinetune, path: Path) -> None:
         problem = await asyncio.to_thread(w.check_dataset_file, path, self.config.max_example_chars)
-        self.world.finish_validation(finetune, problem)
+        records = None if problem else await asyncio.to_thread(w.count_examples, path)
+        self.world.finish_validation(finetune, problem, records)
 
     async def _start(self, request: web.Request) -> web.Response:
         async def act() -> web.Response:

@@ -104,6 +104,7 @@ class SimFinetune:
     validation_result: tuple[bool, str | None] | None = None
     started_at: float | None = None
     training_will_fail: bool = False
+    records: int | None = None  # examples in the validated dataset
 
 
 def _iso(ts: float) -> str:
@@ -233,7 +234,10 @@ class World:
             return finetune, None
         return finetune, obj[0]
 
-    def finish_validation(self, finetune: SimFinetune, problem: str | None) -> None:
+    def finish_validation(
+        self, finetune: SimFinetune, problem: str | None, records: int | None = None
+    ) -> None:
+        finetune.records = records
         if problem is None and self.rng.random() < self.config.validation_failure_rate:
             problem = "provider rejected the dataset (injected validation failure)"
         finetune.validation_result = (problem is None, problem)
@@ -321,9 +325,17 @@ class World:
             "aiModelType": "chat",
             "virtualKey": ft.virtual_key,
             "error": error,
-            "metadata": {"trainingUnits": None, "trainingRecords": None},
+            "metadata": self._metadata(ft),
             "trainingDataset": dataset.as_json() if dataset else None,
         }
+
+    def _metadata(self, ft: SimFinetune) -> dict[str, Any]:
+        """What the provider reports once a training has finished."""
+        if ft.status not in (SUCCEEDED, FAILED) or ft.records is None:
+            return {"trainingUnits": None, "trainingRecords": None}
+        epochs = ft.hyperparameters.get("epochs") or ft.hyperparameters.get("n_epochs") or 1
+        units = ft.records * epochs if isinstance(epochs, int) else None
+        return {"trainingUnits": units, "trainingRecords": ft.records}
 
     def spelled(self, status: str) -> str:
         """A status as this deployment spells it (``SimConfig.status_spelling``)."""
@@ -367,6 +379,11 @@ class Journal:
     def as_json(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads(json.dumps(self.__dict__))
         return data
+
+
+def count_examples(path: Path) -> int:
+    with path.open("rb") as handle:
+        return sum(1 for raw in handle if raw.strip())
 
 
 def check_dataset_file(path: Path, max_example_chars: int) -> str | None:

@@ -42,8 +42,11 @@ def free_port() -> int:
 
 
 class DaemonProcess:
-    def __init__(self, folder: Path, sim: SimulatorThread, log: Path) -> None:
+    def __init__(
+        self, folder: Path, sim: SimulatorThread, log: Path, extra: list[str] | None = None
+    ) -> None:
         self.folder, self.sim, self.log = folder, sim, log
+        self.extra = extra or []
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[str] | None = None
@@ -65,6 +68,7 @@ class DaemonProcess:
                     "0.05",
                     "--poll-max",
                     "0.2",
+                    *self.extra,
                 ),
                 env=cli_env(self.sim),
                 stdout=log,

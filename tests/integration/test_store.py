@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import anyio
 import pytest
 
 from orchestrator.errors import StateLockedError, StoreError
+from orchestrator.notify import OutboxEvent
 from orchestrator.states import JobRecord, State, Transition
 from orchestrator.store import (
     SCHEMA_VERSION,
@@ -57,6 +59,34 @@ async def test_cancel_requests_and_shared_datasets(store: CheckpointStore) -> No
     record = JobRecord(name="a", fingerprint="f", state=State.DATASET_READY, dataset_id="ds_9")
     await store.save(record, dataset=SharedDataset("k", "ds_9", "datasets/x.jsonl"))
     assert await store.find_dataset("k") == SharedDataset("k", "ds_9", "datasets/x.jsonl")
+
+
+async def test_notifications_wait_in_the_outbox_until_delivered(store: CheckpointStore) -> None:
+    record = JobRecord(name="a", fingerprint="f", state=State.SUCCEEDED, usage={"records": 3})
+    events = [OutboxEvent("http://r.test/1", '{"x": 1}'), OutboxEvent("http://r.test/2", "{}")]
+    await store.save(record, Transition("a", State.TRAINING, State.SUCCEEDED, 1.0), events=events)
+    assert (await store.load())["a"].usage == {"records": 3}
+    due = await store.due_events(time.time(), 10)
+    assert [(e.url, e.body, e.attempts) for e in due] == [
+        ("http://r.test/1", '{"x": 1}', 0),
+        ("http://r.test/2", "{}", 0),
+    ]
+    await store.event_failed(due[0].id, time.time() + 60)
+    await store.event_delivered(due[1].id)
+    assert await store.due_events(time.time(), 10) == []
+    later = await store.due_events(time.time() + 120, 10)
+    assert [(e.url, e.attempts) for e in later] == [("http://r.test/1", 1)]
+    assert [e.url for e in await store.undelivered()] == ["http://r.test/1"]
+
+
+async def test_forget_removes_jobs_history_and_cancels(store: CheckpointStore) -> None:
+    for name in ("a", "b"):
+        record = JobRecord(name=name, fingerprint="f", state=State.FAILED)
+        await store.save(record, Transition(name, None, State.FAILED, 1.0))
+    await store.request_cancel(["a"])
+    await store.forget(["a"])
+    assert set(await store.load()) == {"b"}
+    assert await store.history("a") == [] and await store.cancel_requests() == set()
 
 
 async def test_concurrent_saves_share_commits(tmp_path: Path) -> None:
