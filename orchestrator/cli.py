@@ -51,6 +51,13 @@ state_option = click.option(
     show_default=True,
     help="SQLite state file (or ORCHESTRATOR_STATE).",
 )
+min_examples_option = click.option(
+    "--min-examples",
+    type=click.IntRange(1),
+    default=10,
+    show_default=True,
+    help="Fewest examples a dataset may have.",
+)
 verbose_option = click.option(
     "--verbose",
     "-v",
@@ -89,13 +96,7 @@ def _settings_options(fn: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="Longest wait between status polls (s).",
         ),
-        click.option(
-            "--min-examples",
-            type=click.IntRange(1),
-            default=10,
-            show_default=True,
-            help="Fewest examples a dataset may have.",
-        ),
+        min_examples_option,
         click.option(
             "--requests-per-second",
             type=click.FloatRange(0.1),
@@ -345,13 +346,7 @@ def _plural(n: int, word: str) -> str:
     metavar="NAME",
     help="Plan NAME as replaced although its spec changed (repeatable).",
 )
-@click.option(
-    "--min-examples",
-    type=click.IntRange(1),
-    default=10,
-    show_default=True,
-    help="Fewest examples a dataset may have.",
-)
+@min_examples_option
 def plan(
     manifest_path: Path,
     state_path: Path,
@@ -386,13 +381,7 @@ def plan(
 
 @cli.command()
 @click.argument("manifest_path", metavar="MANIFEST", type=click.Path(path_type=Path))
-@click.option(
-    "--min-examples",
-    type=click.IntRange(1),
-    default=10,
-    show_default=True,
-    help="Fewest examples a dataset may have.",
-)
+@min_examples_option
 def validate(manifest_path: Path, min_examples: int) -> None:
     """Check MANIFEST and every local dataset it names; exit 2 on any problem."""
     import time
