@@ -539,8 +539,10 @@ async def await_training(lc: Lifecycle, run: JobRun) -> None:
 
 async def cancel_job(lc: Lifecycle, run: JobRun) -> None:
     """Any state -> cancelled; the finetune is cancelled on the gateway if it exists.
-    A finetune that ended before the cancel reached it ends the job as it ended; a
-    refusal (409) while the gateway shows it running is tried again."""
+    A finetune that ended before the cancel reached it ends the job as it ended. A
+    refusal (409) while the gateway shows it training, or a status we do not know, is
+    tried again; before training nothing runs that we would not start ourselves, so the
+    job is cancelled here."""
     record = run.record
     sent_maybe = record.intent == CREATE_FINETUNE and run.unsent_intent != CREATE_FINETUNE
     if record.finetune_id is None and sent_maybe:
@@ -557,7 +559,7 @@ async def cancel_job(lc: Lifecycle, run: JobRun) -> None:
             if seen.phase in (Phase.SUCCEEDED, Phase.FAILED, Phase.VALIDATION_FAILED):
                 await _adopt(lc, run, seen, "ended before the cancel")
                 return
-            if seen.phase is not Phase.CANCELLED:
+            if seen.phase in (Phase.TRAINING, None):
                 await lc.persist(run, **_status_fields(lc, run, seen))
                 raise UnreadableAnswer(
                     exc.endpoint, f"refused while {seen.finetune.status}: {exc.message}", 409
