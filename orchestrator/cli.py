@@ -31,7 +31,7 @@ from orchestrator.settings import (
     PollSettings,
     UploadSettings,
 )
-from orchestrator.states import JobRecord, Transition
+from orchestrator.states import JobRecord, Transition, iso_time
 from orchestrator.store import OwnerLock, SqliteStore
 
 if TYPE_CHECKING:
@@ -509,7 +509,7 @@ def status(
         for name, transitions in histories.items():
             click.echo(f"\n{name}:")
             for t in transitions:
-                line = f"  {_iso(t.at)}  {t.old.value if t.old else '-'} -> {t.new.value}"
+                line = f"  {iso_time(t.at)}  {t.old.value if t.old else '-'} -> {t.new.value}"
                 click.echo(redact(line + (f"  ({t.detail})" if t.detail else "")))
 
 
@@ -610,12 +610,20 @@ def results(
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
         click.echo(redact(buffer.getvalue()), nl=False)
         return
     shown = ["name", "state", "provider", "base_model", "fine_tuned_model", "finished_at"]
     table = [[row[c] for c in shown] + [row["reason"] or _size_of(row)] for row in rows]
     click.echo(redact(text_table([*shown, "reason / size"], table)))
+
+
+def _cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a gateway's words starting with = + - @
+    are not run as a formula."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
+        return "'" + value
+    return value
 
 
 def _size_of(row: dict[str, Any]) -> str | None:
@@ -633,10 +641,16 @@ def _size_of(row: dict[str, Any]) -> str | None:
     type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
     help="Every job that ended before this date (UTC), besides any named.",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Also jobs their manifest still names (a later run would submit them again).",
+)
 @click.argument("names", nargs=-1)
-def forget(state_path: Path, finished_before: Any, names: tuple[str, ...]) -> None:
+def forget(state_path: Path, finished_before: Any, force: bool, names: tuple[str, ...]) -> None:
     """Remove finished jobs and their history from the state file. Jobs in flight are
-    refused: cancel them first."""
+    refused (cancel them first), and so are jobs their manifest still names, unless
+    --force: a run of that manifest would submit them again."""
     from calendar import timegm
 
     if not names and finished_before is None:
@@ -646,30 +660,43 @@ def forget(state_path: Path, finished_before: Any, names: tuple[str, ...]) -> No
     missing = [n for n in names if n not in by_name]
     if missing:
         raise InputError(f"no such job in {state_path}: {', '.join(missing)}")
-    chosen = [by_name[n] for n in names]
+    chosen = {n: by_name[n] for n in names}
     if finished_before is not None:
         cutoff = timegm(finished_before.timetuple())
-        chosen += [r for r in records if r.state.terminal and r.updated_at < cutoff]
-    in_flight = sorted({r.name for r in chosen if not r.state.terminal})
+        chosen.update({r.name: r for r in records if r.state.terminal and r.updated_at < cutoff})
+    in_flight = sorted(n for n, r in chosen.items() if not r.state.terminal)
     if in_flight:
         raise InputError(f"still in flight, not forgotten: {', '.join(in_flight)}")
-    gone = sorted({r.name for r in chosen})
+    if not force:
+        named = sorted(n for n, r in chosen.items() if _still_named(r))
+        if named:
+            raise InputError(
+                f"still named by their manifest, not forgotten: {', '.join(named)} "
+                "(a later run would submit them again; remove them from it, or --force)"
+            )
 
-    async def go() -> None:
+    async def go() -> list[str]:
         store = SqliteStore(state_path)
         try:
-            await store.forget(gone)
+            return await store.forget(sorted(chosen))
         finally:
             store.close()
 
-    _run_async(go)
+    gone = _run_async(go)
     click.echo(f"forgot {_plural(len(gone), 'job')}" + (f": {', '.join(gone)}" if gone else ""))
 
 
-def _iso(ts: float) -> str:
-    import time
+def _still_named(record: JobRecord) -> bool:
+    """The manifest the job was recorded from is there and still has a job of its name."""
+    from orchestrator.manifest import load_manifest
 
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    if not record.manifest or not Path(record.manifest).is_file():
+        return False
+    try:
+        manifest = load_manifest(Path(record.manifest))
+    except InputError:
+        return False  # a manifest that does not load submits nothing
+    return any(job.name == record.name for job in manifest.jobs)
 
 
 # --------------------------------------------------------------------- cancel

@@ -40,6 +40,7 @@ from orchestrator.metrics import Metrics
 from orchestrator.plan import inspect_datasets, plan_jobs
 from orchestrator.runner import Gateway, Notifications, gateway_of, open_engine
 from orchestrator.settings import EngineSettings
+from orchestrator.states import iso_time
 from orchestrator.store import SqliteStore
 
 log = structlog.get_logger("daemon")
@@ -109,12 +110,13 @@ class Daemon:
 
     async def _shutdown(self, tg: anyio.abc.TaskGroup) -> None:
         self.stopping = True
-        for engine in self.engines.values():
+        engines = list(self.engines.values())  # the engine watcher may retire one meanwhile
+        for engine in engines:
             engine.stop()
         with anyio.move_on_after(self.settings.shutdown_grace):
-            for engine in self.engines.values():
+            for engine in engines:
                 await engine.wait_idle()
-        left = sum(engine.active for engine in self.engines.values())
+        left = sum(engine.active for engine in engines)
         if left:
             log.warning("grace period over; leaving steps to the next start", jobs=left)
         tg.cancel_scope.cancel()
@@ -323,6 +325,10 @@ class Daemon:
         """With a token, everything but ``/healthz`` and ``/login`` needs it: as a bearer
         token, or as the cookie a login with it set."""
         token = self.auth_token
+        if token is None and not is_loopback(request.url.host or ""):
+            # Open on loopback only to loopback names: a page elsewhere that points its
+            # own host name at 127.0.0.1 (DNS rebinding) must not read the jobs.
+            return web.json_response({"error": "unexpected Host"}, status=403)
         if token is None or request.path in ("/healthz", "/login"):
             response: web.StreamResponse = await handler(request)
             return response
@@ -359,7 +365,7 @@ class Daemon:
             return web.json_response({"error": f"no such job: {name}"}, status=404)
         history = [
             {
-                "at": _iso(t.at),
+                "at": iso_time(t.at),
                 "old": t.old.value if t.old else None,
                 "new": t.new.value,
                 "detail": t.detail,
@@ -399,10 +405,6 @@ input,button{font:inherit;padding:8px;width:100%;margin-top:8px}</style></head><
 <h1>Fine-tune orchestrator</h1><form method="post" action="/login">
 <label>Token <input name="token" type="password" autocomplete="current-password"></label>
 <button type="submit">Sign in</button></form></body></html>"""
-
-
-def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def is_loopback(host: str) -> bool:

@@ -264,12 +264,23 @@ class Engine:
         async def apply(index: int, plan: PlannedJob) -> None:
             applied[index] = await self._apply(plan)
 
+        async def moved(index: int, record: JobRecord, manifest: str) -> None:
+            # Its manifest was moved: the job follows the file that names it now.
+            applied[index] = record = record.evolve(manifest=manifest)
+            await self.lc.store.save(record)
+
         # Plans that write go concurrently, so the store commits them in a few batches;
         # resumed and unchanged jobs need no task at all.
         async with anyio.create_task_group() as tg:
             for index, plan in enumerate(planned):
-                if plan.action in (Action.RESUME, Action.UNCHANGED) or plan.left_alone:
-                    applied[index] = plan.record
+                record = plan.record
+                if record is not None and plan.action in (Action.RESUME, Action.UNCHANGED):
+                    if record.manifest != plan.spec.manifest:
+                        tg.start_soon(moved, index, record, plan.spec.manifest)
+                    else:
+                        applied[index] = record
+                elif plan.left_alone:
+                    applied[index] = record
                 else:
                     tg.start_soon(apply, index, plan)
         runs: list[JobRun] = []
@@ -423,20 +434,25 @@ class Engine:
             failing_since = failing_since if failures > 1 else time.monotonic()
             deadline = self._step_deadline(run, step)
             if time.monotonic() - failing_since > deadline:
-                await self._fail(
-                    run, f"gave up after {deadline:g}s of transient errors: {error}", adoptable=True
-                )
+                if step is lifecycle.cancel_job:  # the user's word stands; the note says why
+                    await self._end_unconfirmed(
+                        run, f"cancel not confirmed in {deadline:g}s: {error}"
+                    )
+                else:
+                    await self._fail(
+                        run,
+                        f"gave up after {deadline:g}s of transient errors: {error}",
+                        adoptable=True,
+                    )
                 return
             delay = self.step_retry.delay(failures, error.retry_after, self.lc.rng)
             await self._sleep(run, max(delay, self.lc.settings.poll.initial))
 
     def _step_deadline(self, run: JobRun, step: lifecycle.Step) -> float:
-        """How long a step may keep failing transiently. A cancel is never given up; a
-        ``/start`` whose outcome is unknown is looked at for as long as a training may
-        take (the gateway may be training it meanwhile)."""
-        if step is lifecycle.cancel_job:
-            return math.inf
-        if run.record.state is State.VALIDATED:
+        """How long a step may keep failing transiently. A ``/start`` whose outcome is
+        unknown is looked at for as long as a training may take (the gateway may be
+        training it meanwhile)."""
+        if run.record.state is State.VALIDATED and step is not lifecycle.cancel_job:
             return self.lc.settings.poll.training_deadline
         return self.lc.settings.step_deadline
 
@@ -474,6 +490,16 @@ class Engine:
             run.log.exception("internal error")
             await self._fail(run, f"internal error: {type(exc).__name__}: {exc}", adoptable=True)
         return None
+
+    async def _end_unconfirmed(self, run: JobRun, detail: str) -> None:
+        """A cancel the gateway never confirmed: the job is cancelled here, saying so."""
+        try:
+            await self.lc.transition(
+                run, State.CANCELLED, detail, intent=None, next_poll_at=None, error=detail
+            )
+            await self.lc.store.clear_cancel(run.record.name)
+        except StoreError as exc:
+            self.halt(str(exc))
 
     async def _fail(self, run: JobRun, message: str, **changes: Any) -> None:
         """Record a failure; never raises (it runs in the error handler)."""

@@ -39,6 +39,7 @@ from orchestrator.errors import (
     AuthError,
     ConflictError,
     GatewayError,
+    PermanentError,
     RetryableError,
     UnreadableAnswer,
     UploadError,
@@ -547,8 +548,14 @@ async def cancel_job(lc: Lifecycle, run: JobRun) -> None:
     sent_maybe = record.intent == CREATE_FINETUNE and run.unsent_intent != CREATE_FINETUNE
     if record.finetune_id is None and sent_maybe:
         # The create may have happened with its answer lost: replay it (same key) to
-        # learn the id, so what the gateway made is cancelled rather than orphaned.
-        await create_finetune(lc, run)
+        # learn the id, so what the gateway made is cancelled rather than orphaned. A
+        # refusal says nothing was made: then there is nothing to cancel there.
+        try:
+            await create_finetune(lc, run)
+        except PermanentError as exc:
+            if isinstance(exc, AuthError):
+                raise
+            run.log.info("create refused on replay; nothing to cancel", error=str(exc))
         record = run.record
     status: dict[str, Any] = {}
     if record.finetune_id:

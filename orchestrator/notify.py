@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import math
 import random
 import time
 import uuid
@@ -24,7 +23,7 @@ import anyio
 import structlog
 
 from orchestrator.retry import RetryPolicy
-from orchestrator.states import JobRecord, State
+from orchestrator.states import JobRecord, State, iso_time
 
 if TYPE_CHECKING:  # the store imports this module; aiohttp loads only to deliver
     from orchestrator.sessions import HttpSession
@@ -32,7 +31,8 @@ if TYPE_CHECKING:  # the store imports this module; aiohttp loads only to delive
 SIGNATURE_HEADER = "X-Orchestrator-Signature"
 EVENT_HEADER = "X-Orchestrator-Event"
 MILESTONES = frozenset({State.VALIDATING, State.TRAINING})
-DELIVERY = RetryPolicy(initial=1.0, coefficient=2.0, maximum=300.0)
+DELIVERY = RetryPolicy(initial=1.0, coefficient=2.0, maximum=300.0, max_attempts=20)
+PARKED = 1e300  # next_at of an event given up on: never due, still shown as undelivered
 
 log = structlog.get_logger("notify")
 
@@ -45,6 +45,7 @@ class OutboxEvent:
     body: str
     id: int = 0  # the outbox row, once stored
     attempts: int = 0
+    created_at: float = 0.0
 
 
 def events_for(
@@ -58,7 +59,7 @@ def events_for(
         {
             "id": str(uuid.uuid4()),
             "event": f"job.{new.value}",
-            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(record.updated_at)),
+            "at": iso_time(record.updated_at),
             "job": record.name,
             "state": new.value,
             "manifest": record.manifest,
@@ -114,23 +115,25 @@ class Notifier:
             await self.deliver_due()
             await anyio.sleep(self.POLL)
 
-    async def drain(self, timeout: float) -> bool:
-        """Deliver what is due until nothing is, or ``timeout``; True when emptied."""
+    async def drain(self, timeout: float, since: float) -> bool:
+        """Deliver until no event made since ``since`` waits (or ``timeout``): a batch's
+        own events, not older ones a receiver keeps refusing. True when none waits."""
         with anyio.move_on_after(timeout):
             while True:
-                if not await self.deliver_due():
+                await self.deliver_due()
+                soon = await self.store.due_events(time.time() + self.policy.maximum, 1000)
+                if not any(event.created_at >= since for event in soon):
                     return True
                 await anyio.sleep(self.POLL)  # a failed one is due again after backoff
         return False
 
-    async def deliver_due(self) -> int:
-        """One pass over the due events; how many are still waiting after it."""
+    async def deliver_due(self) -> None:
+        """One pass over the events due now."""
         async with self._one_pass:
             due = await self.store.due_events(time.time(), 100)
             async with anyio.create_task_group() as tg:
                 for event in due:
                     tg.start_soon(self._deliver, event)
-            return len(await self.store.due_events(math.inf, 1))
 
     async def _deliver(self, event: OutboxEvent) -> None:
         from orchestrator.sessions import NoAnswer
@@ -149,6 +152,10 @@ class Notifier:
             ok, problem = False, str(exc)
         if ok:
             await self.store.event_delivered(event.id)
+            return
+        if event.attempts + 1 >= self.policy.max_attempts:
+            log.error("notification given up on", url=event.url, error=problem)
+            await self.store.event_failed(event.id, PARKED)
             return
         delay = self.policy.backoff(event.attempts + 1, self.rng)
         log.warning("notification not delivered; will retry", url=event.url, error=problem)

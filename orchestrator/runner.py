@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -28,7 +29,7 @@ from orchestrator.errors import (
     StoreError,
 )
 from orchestrator.gateway import GatewayClient
-from orchestrator.lifecycle import JobRun, Lifecycle
+from orchestrator.lifecycle import CREATE_FINETUNE, JobRun, Lifecycle
 from orchestrator.logs import Redactor
 from orchestrator.manifest import JobSpec, Manifest, load_manifest
 from orchestrator.metrics import Metrics
@@ -228,6 +229,7 @@ async def run_manifest(
                 yield chunk
 
         store = store or SqliteStore(state_path)
+        started = time.time()
         try:
             async with (
                 open_engine(
@@ -249,7 +251,7 @@ async def run_manifest(
                     engine, every_chunk(), settings.shutdown_grace, live
                 )
                 if notifier is not None and not summary.interrupted:
-                    await notifier.drain(settings.notify_grace)
+                    await notifier.drain(settings.notify_grace, since=started)
                 delivery.cancel_scope.cancel()
         except* StoreError as failed:  # mid-run: what was committed stays committed
             summary = RunSummary(broken=str(failed.exceptions[0]))
@@ -391,13 +393,13 @@ async def cancel_jobs(
 
 def _cancel_gateways(
     targets: Sequence[JobRecord], manifest_path: Path | None, redactor: Redactor
-) -> dict[tuple[Gateway, StatusMap], list[JobRecord]]:
-    """Each job's gateway and key: from ``--manifest``, else the environment, else the
-    manifest the job was recorded from."""
+) -> dict[tuple[Gateway, StatusMap], list[tuple[JobRecord, JobSpec | None]]]:
+    """Each job's gateway and key (from ``--manifest``, else the environment, else the
+    manifest the job was recorded from) and its spec where a manifest still has it."""
     given = load_manifest(manifest_path) if manifest_path else None
     env_key, env_url = os.environ.get("PORTKEY_API_KEY"), os.environ.get("PORTKEY_BASE_URL")
     recorded: dict[str, Manifest | None] = {}
-    groups: dict[tuple[Gateway, StatusMap], list[JobRecord]] = {}
+    groups: dict[tuple[Gateway, StatusMap], list[tuple[JobRecord, JobSpec | None]]] = {}
     for record in targets:
         manifest = given
         if manifest is None and record.manifest:
@@ -418,7 +420,8 @@ def _cancel_gateways(
             )
         statuses = manifest.statuses if manifest else default_status_map()
         gateway = Gateway(base_url or record.base_url, api_key or "")
-        groups.setdefault((gateway, statuses), []).append(record)
+        spec = next((j for j in manifest.jobs if j.name == record.name), None) if manifest else None
+        groups.setdefault((gateway, statuses), []).append((record, spec))
     return groups
 
 
@@ -436,7 +439,7 @@ def _try_manifest(path: Path) -> Manifest | None:
 async def _drive_cancels(
     gateway: Gateway,
     statuses: StatusMap,
-    records: Sequence[JobRecord],
+    records: Sequence[tuple[JobRecord, JobSpec | None]],
     store: CheckpointStore,
     settings: EngineSettings,
     redactor: Redactor,
@@ -448,8 +451,14 @@ async def _drive_cancels(
         anyio.create_task_group() as tg,
     ):
         runs = []
-        for record in records:
-            spec = JobSpec(record.name, "", "", "", {}, None, None, None, manifest=record.manifest)
+        for record, known in records:
+            if known is None and record.intent == CREATE_FINETUNE and not record.finetune_id:
+                # A create whose answer may be lost is replayed before the cancel, and
+                # that needs the job's spec: the request waits for a run of its manifest.
+                continue
+            spec = known or JobSpec(
+                record.name, record.provider, record.model, "", {}, None, None, None
+            )
             run = JobRun(spec, record, cancel_requested=True)
             engine.runs[record.name] = run
             runs.append(run)

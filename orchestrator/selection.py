@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ class Selection:
                     + ", ".join(WHERE_KEYS)
                 )
             pairs.append((key, value))
-        shown = str(manifest.absolute()) if manifest is not None else None
+        shown = os.path.abspath(manifest) if manifest is not None else None
         return cls(tuple(patterns), tuple(pairs), shown)
 
     @property
@@ -48,7 +49,7 @@ class Selection:
     def matches(self, record: JobRecord) -> bool:
         if self.patterns and not any(fnmatch.fnmatchcase(record.name, p) for p in self.patterns):
             return False
-        if self.manifest is not None and record.manifest != self.manifest:
+        if self.manifest is not None and os.path.abspath(record.manifest) != self.manifest:
             return False
         values = {
             "state": record.state.value,

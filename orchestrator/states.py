@@ -146,9 +146,9 @@ class JobRecord:
             "attempt": self.attempt,
             "manifest": self.manifest,
             "usage": self.usage,
-            "created_at": _iso(self.created_at),
+            "created_at": iso_time(self.created_at),
             "training_started_at": _iso_or_none(self.training_started_at),
-            "updated_at": _iso(self.updated_at),
+            "updated_at": iso_time(self.updated_at),
         }
 
     def result(self) -> dict[str, Any]:
@@ -163,9 +163,9 @@ class JobRecord:
             "fine_tuned_model": self.fine_tuned_model,
             "state": self.state.value,
             "reason": self.error if self.state is State.FAILED else None,
-            "submitted_at": _iso(self.created_at),
+            "submitted_at": iso_time(self.created_at),
             "training_started_at": _iso_or_none(started),
-            "finished_at": _iso(finished),
+            "finished_at": iso_time(finished),
             "training_seconds": round(finished - started) if started else None,
             "records": usage.get("records"),
             "tokens": usage.get("tokens"),
@@ -182,9 +182,10 @@ class Transition:
     detail: str | None = None
 
 
-def _iso(ts: float) -> str:
+def iso_time(ts: float) -> str:
+    """A wall-clock time as shown everywhere: ISO 8601, UTC, whole seconds."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 def _iso_or_none(ts: float | None) -> str | None:
-    return _iso(ts) if ts is not None else None
+    return iso_time(ts) if ts is not None else None

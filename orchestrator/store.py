@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -77,8 +77,9 @@ class CheckpointStore(Protocol):
 
     async def find_dataset(self, content_key: str) -> SharedDataset | None: ...
 
-    async def forget(self, names: Iterable[str]) -> None:
-        """Remove these jobs, their history and any cancel request for them."""
+    async def forget(self, names: Iterable[str]) -> list[str]:
+        """Remove these jobs that have ended, their history and any cancel request for
+        them; the names removed (a job in flight stays)."""
 
     async def due_events(self, now: float, limit: int) -> list[OutboxEvent]:
         """Undelivered notifications due by ``now``, oldest first."""
@@ -448,8 +449,8 @@ class SqliteStore:
     async def due_events(self, now: float, limit: int) -> list[OutboxEvent]:
         def read() -> list[OutboxEvent]:
             rows = self._db.execute(
-                "SELECT url, body, id, attempts FROM outbox WHERE delivered_at IS NULL"
-                " AND next_at <= ? ORDER BY id LIMIT ?",
+                "SELECT url, body, id, attempts, created_at FROM outbox"
+                " WHERE delivered_at IS NULL AND next_at <= ? ORDER BY id LIMIT ?",
                 (min(now, 1e300), limit),
             ).fetchall()
             return [OutboxEvent(*row) for row in rows]
@@ -479,15 +480,25 @@ class SqliteStore:
     async def undelivered(self) -> list[OutboxEvent]:
         return await self.due_events(math.inf, 1_000_000)
 
-    async def forget(self, names: Iterable[str]) -> None:
-        rows = [(name,) for name in names]
+    async def forget(self, names: Iterable[str]) -> list[str]:
+        wanted = list(names)
+        ended = tuple(state.value for state in State if state.terminal)
 
-        def write() -> None:
+        def write() -> list[str]:
+            gone = []
             with self._db:
-                for table in ("jobs", "transitions", "cancel_requests"):
-                    self._db.executemany(f"DELETE FROM {table} WHERE name = ?", rows)
+                for name in wanted:
+                    deleted = self._db.execute(
+                        "DELETE FROM jobs WHERE name = ? AND state IN (?, ?, ?)", (name, *ended)
+                    )
+                    if deleted.rowcount:
+                        gone.append(name)
+                        for table in ("transitions", "cancel_requests"):
+                            self._db.execute(f"DELETE FROM {table} WHERE name = ?", (name,))
+            return gone
 
-        await self._run(write)
+        result: list[str] = await self._run(write)
+        return result
 
     async def load_estimates(self) -> dict[str, float]:
         def read() -> dict[str, float]:
@@ -556,7 +567,7 @@ class MemoryStore:
         await anyio.lowlevel.checkpoint()
         for event in events:
             number = len(self.outbox) + 1
-            self.outbox[number] = OutboxEvent(event.url, event.body, number)
+            self.outbox[number] = OutboxEvent(event.url, event.body, number, 0, time.time())
             self.next_at[number] = 0.0
         self.jobs[record.name] = record
         if transition is not None:
@@ -578,25 +589,26 @@ class MemoryStore:
 
     async def due_events(self, now: float, limit: int) -> list[OutboxEvent]:
         due = [e for e in self.outbox.values() if e.id not in self.delivered]
-        return [e for e in due if self.next_at[e.id] <= now][:limit]
+        return [e for e in due if self.next_at[e.id] <= min(now, 1e300)][:limit]
 
     async def event_delivered(self, event_id: int) -> None:
         self.delivered.add(event_id)
 
     async def event_failed(self, event_id: int, next_at: float) -> None:
         event = self.outbox[event_id]
-        self.outbox[event_id] = OutboxEvent(event.url, event.body, event_id, event.attempts + 1)
+        self.outbox[event_id] = replace(event, attempts=event.attempts + 1)
         self.next_at[event_id] = next_at
 
     async def undelivered(self) -> list[OutboxEvent]:
         return await self.due_events(math.inf, 1_000_000)
 
-    async def forget(self, names: Iterable[str]) -> None:
-        gone = set(names)
+    async def forget(self, names: Iterable[str]) -> list[str]:
+        gone = [n for n in names if n in self.jobs and self.jobs[n].state.terminal]
         for name in gone:
-            self.jobs.pop(name, None)
+            del self.jobs[name]
         self.transitions = [t for t in self.transitions if t.name not in gone]
-        self.cancels -= gone
+        self.cancels -= set(gone)
+        return gone
 
     async def find_dataset(self, content_key: str) -> SharedDataset | None:
         return self.datasets.get(content_key)

@@ -133,7 +133,7 @@ def test_the_readme_s3_key_example_runs_against_the_simulator(tmp_path: Path) ->
     assert any('"GET /v1/finetune/' in line for line in lines)
 
 
-def test_a_name_taken_by_another_manifest_is_left_alone_the_same_way_everywhere(
+def test_a_name_taken_by_another_manifest_is_left_alone_and_follows_a_moved_manifest(
     sim: SimulatorThread, tmp_path: Path
 ) -> None:
     write_dataset(tmp_path / "data/a.jsonl")
