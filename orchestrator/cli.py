@@ -156,6 +156,8 @@ def _notifications(urls: tuple[str, ...], secret_file: Path | None) -> Notificat
             secret = secret_file.read_bytes().strip() or None
         except OSError as exc:
             raise InputError(f"--notify-secret-file {secret_file}: {exc.strerror}") from None
+        if secret is None:
+            raise InputError(f"--notify-secret-file {secret_file}: the file is empty")
     _redactor().add_secret(secret.decode(errors="replace") if secret else None)
     return Notifications(urls, secret)
 
@@ -771,7 +773,7 @@ def cancel(
     "--listen",
     default="127.0.0.1:9464",
     show_default=True,
-    help="HOST:PORT for /healthz, /metrics and /jobs (port 0 picks one).",
+    help="HOST:PORT for the status page, /healthz, /metrics and /jobs (port 0 picks one).",
 )
 @click.option(
     "--rescan",
@@ -982,8 +984,7 @@ def demo(manifest_path: Path | None) -> None:
         _logging(redactor, quiet=live)
         code = _run_and_report(manifest_path, state, "done", False, (), settings, live)
         click.echo("")
-        ctx = click.get_current_context()
-        ctx.invoke(status, state_path=state, as_json=False, history=False, names=())
+        click.echo(_redactor().text(_status_text(_selected(state, (), (), None))))
         click.echo(
             "\n(two jobs fail on purpose: one dataset fails the local checks, one is "
             "rejected by the simulated provider)"

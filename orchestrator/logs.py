@@ -19,7 +19,9 @@ from typing import Any, TextIO
 import orjson
 import structlog
 
-_SIGNED_QUERY = re.compile(r"(https?://[^\s?\"'<>]+)\?[^\s\"'<>]*")
+# A URL's query string (signatures live there), up to a space, quote, bracket or ")";
+# one already redacted is left as it is.
+_SIGNED_QUERY = re.compile(r"(https?://[^\s?\"'<>]+)\?(?!<redacted>)[^\s\"'<>)]*")
 _USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@\"'<>]+@")
 _CREDENTIAL_KEYS = frozenset(
     {

@@ -82,6 +82,14 @@ def http_url(value: Any) -> str:
     return value.rstrip("/")
 
 
+def gateway_url(value: Any) -> str:
+    """``http_url``, and not ending in ``/v1``: every path called starts with it."""
+    url = http_url(value)
+    if yarl.URL(url).path.rstrip("/").endswith("/v1"):
+        raise ValueError(f"must not end in /v1: the calls add it (use {url[: -len('/v1')]})")
+    return url
+
+
 PositiveInt = Annotated[int, BeforeValidator(_positive_int)]
 PositiveNumber = Annotated[float, BeforeValidator(_positive_number)]
 Text = Annotated[str, BeforeValidator(_non_empty_string)]
@@ -103,7 +111,7 @@ class Hyperparameters(BaseModel):
 
 
 class GatewaySection(_Strict):
-    base_url: Annotated[str, BeforeValidator(http_url)] | None = None
+    base_url: Annotated[str, BeforeValidator(gateway_url)] | None = None
     api_key: Text | None = None
 
 
@@ -278,7 +286,9 @@ def _expand(value: str, at: Path_, line: int, shown: str, env: Mapping[str, str]
             return env[name]
         if default is not None:
             return default
-        raise ManifestError(shown, line, _where(at, {}), f"environment variable {name} is not set")
+        raise ManifestError(
+            shown, line, _where(at, {}), f"environment variable {name} is not set (or empty)"
+        )
 
     return _VAR.sub(substitute, value)
 
@@ -354,7 +364,7 @@ def _validate(
     base_url = gateway.base_url
     if base_url is None and env.get("PORTKEY_BASE_URL"):
         try:
-            base_url = http_url(env["PORTKEY_BASE_URL"])
+            base_url = gateway_url(env["PORTKEY_BASE_URL"])
         except ValueError as exc:
             raise ManifestError(shown, 0, "PORTKEY_BASE_URL", str(exc)) from None
     api_key = gateway.api_key or env.get("PORTKEY_API_KEY") or None

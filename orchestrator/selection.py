@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from orchestrator.errors import InputError
-from orchestrator.states import JobRecord
+from orchestrator.states import JobRecord, State
 
 WHERE_KEYS = ("state", "provider", "model", "remote_status", "manifest")
 
@@ -36,6 +36,11 @@ class Selection:
                 raise InputError(
                     f"--where {condition}: expected KEY=VALUE with KEY one of "
                     + ", ".join(WHERE_KEYS)
+                )
+            if key == "state" and value not in {s.value for s in State}:
+                raise InputError(
+                    f"--where {condition}: no such state; one of "
+                    + ", ".join(s.value for s in State)
                 )
             pairs.append((key, value))
         shown = os.path.abspath(manifest) if manifest is not None else None

@@ -158,3 +158,25 @@ def test_a_name_taken_by_another_manifest_is_left_alone_and_follows_a_moved_mani
     first.unlink()
     plan = run_cli("plan", str(second), "--state", str(state), env=env)
     assert "a    changed" in plan.stdout or "changed since it was submitted" in plan.stdout
+
+
+def test_the_demo_runs_to_its_end(tmp_path: Path) -> None:
+    """The README's first command, as a newcomer runs it."""
+    out = run_cli("demo", env=cli_env(), cwd=tmp_path, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("6 jobs: 2 failed, 4 succeeded") for line in lines), out.stdout
+    table = [line.split()[:2] for line in lines if line.split()[:1] and "-v" in line.split()[0]]
+    assert ["legal-v2", "succeeded"] in table and ["broken-v1", "failed"] in table
+    assert "two jobs fail on purpose" in out.stdout
+
+
+def test_a_base_url_ending_in_v1_is_refused_before_anything_is_sent(tmp_path: Path) -> None:
+    write_dataset(tmp_path / "data/a.jsonl")
+    manifest = write_manifest(tmp_path / "m.yaml", [{"name": "a", "dataset": "data/a.jsonl"}])
+    env = cli_env(PORTKEY_BASE_URL="http://127.0.0.1:9/v1", PORTKEY_API_KEY="k-12345")
+    out = run_cli("run", str(manifest), "--state", str(tmp_path / "s.db"), env=env)
+    assert out.returncode == 2
+    assert "must not end in /v1: the calls add it (use http://127.0.0.1:9)" in out.stderr
+    assert not (tmp_path / "s.db").exists()

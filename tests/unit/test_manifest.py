@@ -161,7 +161,7 @@ def test_errors_name_file_line_and_field(folder: Path, text: str, expected: str)
 
 def test_unset_variable_names_the_variable(folder: Path) -> None:
     assert error_of(folder, GOOD, env={}) == (
-        ":3: gateway.api_key: environment variable KEY is not set"
+        ":3: gateway.api_key: environment variable KEY is not set (or empty)"
     )
 
 
