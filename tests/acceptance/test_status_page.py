@@ -50,16 +50,6 @@ def browser() -> Iterator[Any]:
             browser.close()
 
 
-@pytest.fixture
-def daemon(tmp_path: Path, sim: SimulatorThread) -> Iterator[DaemonProcess]:
-    (tmp_path / "watch").mkdir()
-    process = DaemonProcess(tmp_path, sim, tmp_path / "daemon.log")
-    yield process
-    if process.process is not None and process.process.poll() is None:
-        process.process.kill()
-        process.process.wait()
-
-
 def test_the_page_follows_jobs_filters_and_shows_a_failure(
     browser: Any, daemon: DaemonProcess, tmp_path: Path, sim: SimulatorThread
 ) -> None:
