@@ -109,9 +109,6 @@ class PhaseClock:
     PROBE_LEAD = 0.85
     SCOUTS = 4
     WAIT_FACTOR = 8.0
-    # No poll comes sooner than this after the last (``--poll-interval``): a probe that
-    # leads the estimate by less would only delay its job by the difference.
-    min_interval: float = 0.0
     estimates: dict[str, float] = field(default_factory=dict)
     scouts: dict[str, set[str]] = field(default_factory=dict)
 
@@ -146,11 +143,7 @@ class PhaseClock:
             return None
         due = started + estimate
         asked = run.last_poll_at
-        lead = estimate * (1 - self.PROBE_LEAD)
-        probe = (
-            lead >= self.min_interval
-            and zlib.crc32(run.record.name.encode()) % self.PROBE_EVERY == 0
-        )
+        probe = zlib.crc32(run.record.name.encode()) % self.PROBE_EVERY == 0
         if probe and (asked is None or asked < started + estimate * self.PROBE_LEAD):
             # Early, once; a probe that found the phase still running then polls at
             # the estimate like the others, not on the blind backoff.
@@ -192,9 +185,6 @@ class Lifecycle:
     redact: Callable[[str], str] = str
     # key -> (lock, holders): an entry lives only while some job holds or awaits it.
     _content_locks: dict[str, tuple[anyio.Lock, list[int]]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.clock.min_interval = self.settings.poll.initial
 
     async def transition(
         self,

@@ -74,11 +74,3 @@ def test_first_jobs_scout_and_the_rest_wait_for_them() -> None:
     assert clock.poll_delay(runs[0], 3.0) == 3.0  # a scout stays a scout
     # Scouts are per phase: the same job is a scout again when training starts.
     assert clock.poll_delay(runs[-1], 2.0, State.TRAINING) == 2.0
-
-
-def test_no_probe_leads_the_estimate_by_less_than_the_poll_interval() -> None:
-    clock = PhaseClock(min_interval=2.0)
-    clock.estimates["validating|openai|m"] = 8.0  # a lead of 1.2 s: too short to probe
-    assert clock.expected_end(run_for(probe_name(), 0.0)) == 8.0
-    clock.estimates["validating|openai|m"] = 20.0  # a lead of 3 s: worth it
-    assert clock.expected_end(run_for(probe_name(), 0.0)) == 20.0 * PhaseClock.PROBE_LEAD
