@@ -414,10 +414,12 @@ def validate(manifest_path: Path, min_examples: int) -> None:
         problems += len(r.errors) + r.more_errors
     if problems:
         sys.exit(2)
-    rate = total / elapsed / 1e6 if elapsed > 0 else 0.0
+    from orchestrator.view import human_size
+
+    rate = total / elapsed if elapsed > 0 else 0.0
     click.echo(
         f"ok: {_plural(len(manifest.jobs), 'job')}, {_plural(len(reports), 'dataset')}, "
-        f"{total / 1e6:.1f} MB checked at {rate:.0f} MB/s"
+        f"{human_size(total)} checked at {human_size(rate)}/s"
     )
 
 
@@ -648,7 +650,7 @@ def _size_of(row: dict[str, Any]) -> str | None:
     is_flag=True,
     help="Also jobs their manifest still names (a later run would submit them again).",
 )
-@click.argument("names", nargs=-1)
+@click.argument("names", nargs=-1, metavar="[NAME|GLOB]...")
 def forget(state_path: Path, finished_before: Any, force: bool, names: tuple[str, ...]) -> None:
     """Remove finished jobs and their history from the state file. Jobs in flight are
     refused (cancel them first), and so are jobs their manifest still names, unless
@@ -658,11 +660,7 @@ def forget(state_path: Path, finished_before: Any, force: bool, names: tuple[str
     if not names and finished_before is None:
         raise click.UsageError("name the jobs to forget, or pass --finished-before DATE")
     records = _selected(state_path, (), (), None)
-    by_name = {r.name: r for r in records}
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        raise InputError(f"no such job in {state_path}: {', '.join(missing)}")
-    chosen = {n: by_name[n] for n in names}
+    chosen = {r.name: r for r in _selected(state_path, names, (), None)} if names else {}
     if finished_before is not None:
         cutoff = timegm(finished_before.timetuple())
         chosen.update({r.name: r for r in records if r.state.terminal and r.updated_at < cutoff})
@@ -943,6 +941,9 @@ def sim(
         asyncio.run(serve_forever(SimConfig(**config), host, port, data_dir, preload, access_log))
     except KeyboardInterrupt:
         pass
+    except OSError as exc:  # the port is taken, the address is not this machine's
+        reason = exc.strerror or str(exc)
+        raise InputError(f"cannot listen on {host}:{port}: {reason.lower()}") from None
 
 
 # ----------------------------------------------------------------------- demo

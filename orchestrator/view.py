@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from orchestrator.engine import Engine
 
 
-def _size(n: float) -> str:
+def human_size(n: float) -> str:
+    """Bytes as a person reads them: 512 B, 3.4 KiB, 1.2 GiB."""
     if abs(n) < 1024:
         return f"{int(n)} B"
     for unit in ("KiB", "MiB"):
@@ -71,7 +72,12 @@ def live_renderable(engine: Engine) -> Any:
         table = Table("upload", "sent", "rate", "left", box=None, padding=(0, 2))
         for name, p in uploads[:20]:
             eta = f"{p.eta:.0f}s" if p.eta is not None else "-"
-            table.add_row(name, f"{_size(p.sent)} / {_size(p.total)}", f"{_size(p.rate)}/s", eta)
+            table.add_row(
+                name,
+                f"{human_size(p.sent)} / {human_size(p.total)}",
+                f"{human_size(p.rate)}/s",
+                eta,
+            )
         parts.append(table)
     now = time.time()
     waiting = sorted(

@@ -3,6 +3,7 @@ working as written."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
@@ -180,3 +181,13 @@ def test_a_base_url_ending_in_v1_is_refused_before_anything_is_sent(tmp_path: Pa
     assert out.returncode == 2
     assert "must not end in /v1: the calls add it (use http://127.0.0.1:9)" in out.stderr
     assert not (tmp_path / "s.db").exists()
+
+
+def test_a_simulator_port_in_use_is_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run_cli("sim", "--port", str(port), env=cli_env())
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith(f"error: cannot listen on 127.0.0.1:{port}: ")

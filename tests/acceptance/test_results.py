@@ -108,7 +108,7 @@ def test_forget_removes_finished_jobs_and_refuses_those_in_flight(
     named = run_cli("forget", "a", "--state", str(state), env=env)
     assert named.returncode == 2  # a run of m.yaml would submit it again
     assert "still named by their manifest, not forgotten: a" in named.stderr
-    out = run_cli("forget", "a", "--force", "--state", str(state), env=env)
+    out = run_cli("forget", "[a]*", "--force", "--state", str(state), env=env)  # a glob
     assert out.returncode == 0 and out.stdout.strip() == "forgot 1 job: a"
     write_manifest(manifest, [jobs[2]])  # only c is named now
     out = run_cli("forget", "--finished-before", "2999-01-01", "--state", str(state), env=env)
