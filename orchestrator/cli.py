@@ -625,7 +625,7 @@ def results(
 def _cell(value: Any) -> Any:
     """A CSV cell a spreadsheet shows as text: a gateway's words starting with = + - @
     are not run as a formula."""
-    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@"):
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
         return "'" + value
     return value
 
@@ -668,7 +668,8 @@ def forget(state_path: Path, finished_before: Any, force: bool, names: tuple[str
     if in_flight:
         raise InputError(f"still in flight, not forgotten: {', '.join(in_flight)}")
     if not force:
-        named = sorted(n for n, r in chosen.items() if _still_named(r))
+        names_in: dict[str, set[str] | None] = {}
+        named = sorted(n for n, r in chosen.items() if _still_named(r, names_in))
         if named:
             raise InputError(
                 f"still named by their manifest, not forgotten: {', '.join(named)} "
@@ -686,17 +687,23 @@ def forget(state_path: Path, finished_before: Any, force: bool, names: tuple[str
     click.echo(f"forgot {_plural(len(gone), 'job')}" + (f": {', '.join(gone)}" if gone else ""))
 
 
-def _still_named(record: JobRecord) -> bool:
-    """The manifest the job was recorded from is there and still has a job of its name."""
-    from orchestrator.manifest import load_manifest
+def _still_named(record: JobRecord, names_in: dict[str, set[str] | None]) -> bool:
+    """The manifest the job was recorded from is there and still names it. Its names
+    are read from the YAML as written (no ${VARS} needed), once per file; a file that
+    cannot be read that far counts as naming it: forgetting is not undone."""
+    import yaml
 
-    if not record.manifest or not Path(record.manifest).is_file():
+    path = record.manifest
+    if not path or not Path(path).is_file():
         return False
-    try:
-        manifest = load_manifest(Path(record.manifest))
-    except InputError:
-        return False  # a manifest that does not load submits nothing
-    return any(job.name == record.name for job in manifest.jobs)
+    if path not in names_in:
+        try:
+            jobs = yaml.safe_load(Path(path).read_text(encoding="utf-8"))["jobs"]
+            names_in[path] = {str(job["name"]) for job in jobs}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
+            names_in[path] = None
+    names = names_in[path]
+    return names is None or record.name in names
 
 
 # --------------------------------------------------------------------- cancel

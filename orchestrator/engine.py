@@ -17,7 +17,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import anyio
@@ -266,7 +266,7 @@ class Engine:
 
         async def moved(index: int, record: JobRecord, manifest: str) -> None:
             # Its manifest was moved: the job follows the file that names it now.
-            applied[index] = record = record.evolve(manifest=manifest)
+            applied[index] = record = replace(record, manifest=manifest)  # times stay
             await self.lc.store.save(record)
 
         # Plans that write go concurrently, so the store commits them in a few batches;
@@ -415,7 +415,7 @@ class Engine:
         return name in self._driving
 
     async def _drive(self, run: JobRun) -> None:
-        failures, failing_since = 0, 0.0
+        failures, failing_since, failing_step = 0, 0.0, None
         while not self._done(run.record.state) and not self.stopping:
             step: lifecycle.Step | None = lifecycle.cancel_job if run.cancel_requested else None
             if step is None:
@@ -430,6 +430,8 @@ class Engine:
             if error is None:
                 failures = 0
                 continue
+            if step is not failing_step:  # a cancel after a failing /start starts afresh
+                failures, failing_step = 0, step
             failures += 1
             failing_since = failing_since if failures > 1 else time.monotonic()
             deadline = self._step_deadline(run, step)

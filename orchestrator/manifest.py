@@ -408,7 +408,7 @@ def _validate(
                 dataset_path=dataset_path,
                 s3_key=job.s3_key.lstrip("/") if job.s3_key else None,
                 line=lines.get(at, 0),
-                manifest=str(path.absolute()),
+                manifest=os.path.abspath(path),
                 notify=tuple(section.notify or ()),
             )
         )

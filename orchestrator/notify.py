@@ -81,7 +81,7 @@ def signature(body: bytes, secret: bytes) -> str:
 class OutboxStore(Protocol):
     """What ``Notifier`` needs of the store (``CheckpointStore`` has it)."""
 
-    async def due_events(self, now: float, limit: int) -> list[OutboxEvent]: ...
+    async def due_events(self, now: float, limit: int, since: float = 0.0) -> list[OutboxEvent]: ...
 
     async def event_delivered(self, event_id: int) -> None: ...
 
@@ -121,8 +121,8 @@ class Notifier:
         with anyio.move_on_after(timeout):
             while True:
                 await self.deliver_due()
-                soon = await self.store.due_events(time.time() + self.policy.maximum, 1000)
-                if not any(event.created_at >= since for event in soon):
+                soon = await self.store.due_events(time.time() + self.policy.maximum, 1, since)
+                if not soon:
                     return True
                 await anyio.sleep(self.POLL)  # a failed one is due again after backoff
         return False

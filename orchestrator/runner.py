@@ -377,8 +377,14 @@ async def cancel_jobs(
         final = await store.load([r.name for r in targets])
         for record in sorted(final.values(), key=lambda r: r.name):
             state = record.state.value
+            lost = next((r for r in targets if r.name == record.name), record)
             if not record.state.terminal:
                 message = f"{state} ({note})"
+            elif lost.intent == CREATE_FINETUNE and not lost.finetune_id and not record.finetune_id:
+                message = (
+                    f"{state} (its create's answer was lost: a finetune may exist on the "
+                    "gateway; a run of its manifest would find it)"
+                )
             elif record.state.value == "failed":
                 message = f"failed before the cancel: {record.error}"
             elif record.state.value == "succeeded":
@@ -421,6 +427,8 @@ def _cancel_gateways(
         statuses = manifest.statuses if manifest else default_status_map()
         gateway = Gateway(base_url or record.base_url, api_key or "")
         spec = next((j for j in manifest.jobs if j.name == record.name), None) if manifest else None
+        if spec is not None and spec.fingerprint(record.content_sha256) != record.fingerprint:
+            spec = None  # edited since: its body is not the one the create was sent with
         groups.setdefault((gateway, statuses), []).append((record, spec))
     return groups
 
@@ -452,14 +460,14 @@ async def _drive_cancels(
     ):
         runs = []
         for record, known in records:
-            if known is None and record.intent == CREATE_FINETUNE and not record.finetune_id:
-                # A create whose answer may be lost is replayed before the cancel, and
-                # that needs the job's spec: the request waits for a run of its manifest.
-                continue
             spec = known or JobSpec(
                 record.name, record.provider, record.model, "", {}, None, None, None
             )
             run = JobRun(spec, record, cancel_requested=True)
+            if known is None:
+                # Without the spec it was sent with, a create whose answer was lost cannot
+                # be replayed: cancelled here, and the outcome says a finetune may exist.
+                run.unsent_intent = CREATE_FINETUNE
             engine.runs[record.name] = run
             runs.append(run)
         await engine.start(tg, runs)

@@ -81,8 +81,9 @@ class CheckpointStore(Protocol):
         """Remove these jobs that have ended, their history and any cancel request for
         them; the names removed (a job in flight stays)."""
 
-    async def due_events(self, now: float, limit: int) -> list[OutboxEvent]:
-        """Undelivered notifications due by ``now``, oldest first."""
+    async def due_events(self, now: float, limit: int, since: float = 0.0) -> list[OutboxEvent]:
+        """Undelivered notifications due by ``now`` (and made since ``since``), oldest
+        first."""
 
     async def event_delivered(self, event_id: int) -> None: ...
 
@@ -446,12 +447,12 @@ class SqliteStore:
 
         await self._run(write)
 
-    async def due_events(self, now: float, limit: int) -> list[OutboxEvent]:
+    async def due_events(self, now: float, limit: int, since: float = 0.0) -> list[OutboxEvent]:
         def read() -> list[OutboxEvent]:
             rows = self._db.execute(
-                "SELECT url, body, id, attempts, created_at FROM outbox"
-                " WHERE delivered_at IS NULL AND next_at <= ? ORDER BY id LIMIT ?",
-                (min(now, 1e300), limit),
+                "SELECT url, body, id, attempts, created_at FROM outbox WHERE delivered_at"
+                " IS NULL AND next_at <= ? AND created_at >= ? ORDER BY id LIMIT ?",
+                (min(now, 1e300), since, limit),
             ).fetchall()
             return [OutboxEvent(*row) for row in rows]
 
@@ -587,8 +588,9 @@ class MemoryStore:
     async def clear_cancel(self, name: str) -> None:
         self.cancels.discard(name)
 
-    async def due_events(self, now: float, limit: int) -> list[OutboxEvent]:
+    async def due_events(self, now: float, limit: int, since: float = 0.0) -> list[OutboxEvent]:
         due = [e for e in self.outbox.values() if e.id not in self.delivered]
+        due = [e for e in due if e.created_at >= since]
         return [e for e in due if self.next_at[e.id] <= min(now, 1e300)][:limit]
 
     async def event_delivered(self, event_id: int) -> None:

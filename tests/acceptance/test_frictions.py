@@ -191,3 +191,21 @@ def test_a_simulator_port_in_use_is_one_line(tmp_path: Path) -> None:
         out = run_cli("sim", "--port", str(port), env=cli_env())
     assert out.returncode == 2
     assert out.stderr.strip().startswith(f"error: cannot listen on 127.0.0.1:{port}: ")
+
+
+def test_a_renamed_manifest_takes_its_jobs_along_untouched(
+    sim: SimulatorThread, tmp_path: Path
+) -> None:
+    write_dataset(tmp_path / "data/a.jsonl")
+    first = write_manifest(tmp_path / "first.yaml", [{"name": "a", "dataset": "data/a.jsonl"}])
+    state = tmp_path / "s.db"
+    env = cli_env(sim)
+    assert run_cli("run", str(first), "--state", str(state), *FAST_POLL, env=env).returncode == 0
+    before = status_of(state, env)["a"]
+    renamed = first.rename(tmp_path / "renamed.yaml")
+    again = run_cli("run", str(renamed), "--state", str(state), *FAST_POLL, env=env)
+    assert again.returncode == 0 and again.stdout.startswith("1 job: 1 succeeded")
+    after = status_of(state, env)["a"]
+    assert after["manifest"] == str(renamed) and before["manifest"] == str(first)
+    assert after["updated_at"] == before["updated_at"]  # its finish time stays
+    assert sim.journal.finetune_creates["a"] == 1 and sum(sim.journal.starts.values()) == 1

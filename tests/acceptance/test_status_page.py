@@ -76,6 +76,9 @@ def test_the_page_follows_jobs_filters_and_shows_a_failure(
     assert "example longer than" in page.inner_text("#job-error")
     assert page.inner_text("#job-name") == "charlie"
     page.screenshot(path=str(tmp_path / "status-page.png"), full_page=True)
+    # Open on loopback only to loopback names (a rebinding page elsewhere gets nothing).
+    assert http("GET", daemon.url + "/jobs", headers={"Host": "evil.example"})[0] == 403
+    assert http("GET", daemon.url + "/jobs", headers={"Host": "localhost"})[0] == 200
     assert (tmp_path / "status-page.png").stat().st_size > 10_000
 
 
