@@ -91,6 +91,13 @@ def cli_args(*args: str) -> list[str]:
     return [sys.executable, "-m", "orchestrator", *args]
 
 
+def start_cli(*args: str, env: dict[str, str]) -> subprocess.Popen[str]:
+    """`orchestrator ARGS` in the background, its output captured as text."""
+    return subprocess.Popen(
+        cli_args(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
 def run_cli(
     *args: str, env: dict[str, str], cwd: Path | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:

@@ -24,6 +24,7 @@ from tests.conftest import (
     cli_args,
     cli_env,
     run_cli,
+    start_cli,
     status_of,
     write_dataset,
     write_manifest,
@@ -103,13 +104,7 @@ def test_a_dataset_changed_before_its_upload_fails_and_is_never_shared(
     )
     state = tmp_path / "state.db"
     env = cli_env(sim)
-    process = subprocess.Popen(
-        cli_args("run", str(manifest), "--state", str(state), *FAST_POLL),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_cli("run", str(manifest), "--state", str(state), *FAST_POLL, env=env)
     deadline = time.monotonic() + 30
     while not sim.journal.requests["get_finetune"] and time.monotonic() < deadline:
         time.sleep(0.01)  # the preflight: the datasets were checked and hashed before it
@@ -167,13 +162,7 @@ def test_an_unknown_status_keeps_polling_and_the_suggested_line_maps_it(
     manifest = write_manifest(tmp_path / "m.yaml", jobs)
     state = tmp_path / "state.db"
     env = cli_env(sim)
-    process = subprocess.Popen(
-        cli_args("run", str(manifest), "--state", str(state), *FAST_POLL),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_cli("run", str(manifest), "--state", str(state), *FAST_POLL, env=env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if state.exists() and status_of(state, env).get("a", {}).get("unknown_status_since"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -13,10 +12,10 @@ import pytest
 from orchestrator.simulator import SimulatorThread
 from tests.conftest import (
     FAST_POLL,
-    cli_args,
     cli_env,
     example_line,
     run_cli,
+    start_cli,
     status_of,
     write_dataset,
     write_manifest,
@@ -139,13 +138,7 @@ def test_sigint_stops_with_130_and_the_rerun_resumes(sim: SimulatorThread, tmp_p
     manifest = write_manifest(tmp_path / "manifest.yaml", jobs)
     state = tmp_path / "state.db"
     env = cli_env(sim)
-    process = subprocess.Popen(
-        cli_args("run", str(manifest), "--state", str(state), *FAST_POLL),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_cli("run", str(manifest), "--state", str(state), *FAST_POLL, env=env)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and sum(sim.journal.starts.values()) < 5:
         time.sleep(0.05)
