@@ -96,6 +96,11 @@ class StoreError(OrchestratorError):
     """The state file (or database) failed: the message names it and the OS error."""
 
 
+class LeaseLost(OrchestratorError):
+    """Another worker holds this job's lease now: this process must not write it, nor
+    act for it (a shared store's fencing). Not a store failure: only this job stops."""
+
+
 def permanent_for_status(status: int) -> type[PermanentError]:
     """The most specific permanent error class for an HTTP status."""
     if status in (401, 403):

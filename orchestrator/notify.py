@@ -130,7 +130,7 @@ class Notifier:
     async def deliver_due(self) -> None:
         """One pass over the events due now."""
         async with self._one_pass:
-            due = await self.store.due_events(time.time(), 100)
+            due = await self.store.claim_events(100)
             async with anyio.create_task_group() as tg:
                 for event in due:
                     tg.start_soon(self._deliver, event)

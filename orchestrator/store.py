@@ -18,7 +18,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -27,11 +28,72 @@ import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
-from orchestrator.errors import StateLockedError, StoreError
+from orchestrator.errors import InputError, LeaseLost, StateLockedError, StoreError
 from orchestrator.notify import OutboxEvent
 from orchestrator.states import JobRecord, State, Transition
 
 SCHEMA_VERSION = 2
+DEFAULT_LEASE_TTL = 30.0  # seconds a shared store's job stays with a worker that went quiet
+
+
+@dataclass(frozen=True)
+class StateLocation:
+    """Where the checkpoints live: a SQLite file (a path) or a PostgreSQL database (a
+    ``postgresql://`` URL), and where its password is, if not in the URL."""
+
+    value: str
+    password_file: Path | None = None
+
+    @property
+    def is_database(self) -> bool:
+        return self.value.startswith(("postgresql://", "postgres://"))
+
+    @property
+    def path(self) -> Path:
+        return Path(self.value)
+
+    def exists(self) -> bool:
+        """A database always exists (its tables are made on first use); a file may not."""
+        return self.is_database or self.path.exists()
+
+    def password(self) -> str | None:
+        if self.password_file is None:
+            return None
+        try:
+            return self.password_file.read_text().strip()
+        except OSError as exc:
+            raise InputError(f"{self.password_file}: cannot read: {exc.strerror}") from None
+
+    def __str__(self) -> str:
+        if not self.is_database:
+            return self.value
+        from orchestrator.pgstore import shown_url
+
+        return shown_url(self.value)
+
+
+@asynccontextmanager
+async def open_store(
+    location: StateLocation,
+    *,
+    owner: OwnerLock | None = None,
+    lease_ttl: float = DEFAULT_LEASE_TTL,
+) -> AsyncIterator[CheckpointStore]:
+    """The store at ``location``, closed on the way out. A database's schema is brought
+    up to date first (``orchestrator migrate`` does only that)."""
+    store: CheckpointStore
+    if location.is_database:
+        from orchestrator.pgstore import PostgresStore
+
+        store = await PostgresStore.connect(
+            location.value, password=location.password(), lease_ttl=lease_ttl
+        )
+    else:
+        store = SqliteStore(location.path, owner=owner)
+    try:
+        yield store
+    finally:
+        await store.aclose()
 
 
 @dataclass(frozen=True)
@@ -43,7 +105,27 @@ class SharedDataset:
     s3_key: str
 
 
+@dataclass(frozen=True)
+class Lease:
+    """Who drives a job of a shared store, and since when (seconds, by the store's clock)."""
+
+    worker: str
+    age: float
+    expires_in: float  # negative once expired: any worker may take the job over
+
+
 class CheckpointStore(Protocol):
+    """The checkpoints of every job, and who may drive which.
+
+    A store with one owner (SQLite, memory) hands every job to the process that owns
+    it. A ``shared`` store (PostgreSQL) hands each job to one process at a time under a
+    lease of ``lease_ttl`` seconds: the holder renews it, and every save of a job whose
+    lease another process took raises ``LeaseLost`` instead of writing.
+    """
+
+    shared: bool
+    lease_ttl: float
+
     async def load(self, names: Iterable[str] | None = None) -> dict[str, JobRecord]: ...
 
     async def save(
@@ -91,6 +173,27 @@ class CheckpointStore(Protocol):
 
     async def undelivered(self) -> list[OutboxEvent]: ...
 
+    async def claim_events(self, limit: int) -> list[OutboxEvent]:
+        """Events due now, each handed to one caller for a while: several processes may
+        deliver from one outbox."""
+
+    async def claim(self, names: Sequence[str]) -> dict[str, JobRecord]:
+        """Take the leases of those of these jobs that no live process drives; their
+        records as they are now. With one owner: every one of them, or none."""
+
+    async def renew(self) -> set[str]:
+        """Extend every lease held here; the names of those lost meanwhile."""
+
+    async def release(self, names: Iterable[str] | None = None) -> None:
+        """Give up these leases (all held here by default), for others to take now."""
+
+    async def leases(self) -> dict[str, Lease]: ...
+
+    async def wait_for_cancels(self, timeout: float) -> None:
+        """Until a cancel may have been requested, or ``timeout`` seconds."""
+
+    async def aclose(self) -> None: ...
+
 
 # ------------------------------------------------------------------ row mapping
 
@@ -107,6 +210,14 @@ def _to_row(record: JobRecord) -> tuple[Any, ...]:
     if record.usage is not None:
         row[_FIELDS.index("usage")] = json.dumps(record.usage)
     return tuple(row)
+
+
+def _history_row(t: Transition) -> tuple[Any, ...]:
+    return (t.name, t.old.value if t.old else None, t.new.value, t.at, t.detail)
+
+
+def _transition(row: Sequence[Any]) -> Transition:
+    return Transition(row[0], State(row[1]) if row[1] else None, State(row[2]), row[3], row[4])
 
 
 def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
@@ -205,28 +316,91 @@ _UPSERT = (
 )
 
 
-_Write = tuple[JobRecord, Transition | None] | SharedDataset | OutboxEvent
+@dataclass(frozen=True)
+class Save:
+    """One ``save``: the record, its transition, a dataset it made shareable, and the
+    notifications it owes, committed together or not at all."""
+
+    record: JobRecord
+    transition: Transition | None
+    dataset: SharedDataset | None
+    events: Sequence[OutboxEvent]
 
 
 class _Batch:
     def __init__(self) -> None:
         self.done = anyio.Event()
         self.error: BaseException | None = None
+        self.lost: set[str] = set()
+
+
+class GroupCommit:
+    """Saves that arrive while a commit is in flight share the next commit.
+
+    ``write`` commits a batch and returns the names whose saves it refused (a shared
+    store's fencing); each of those saves raises ``LeaseLost``. A commit that would carry
+    fewer than ``LINGER_BELOW`` saves first waits ``linger`` seconds for more: most of a
+    commit's cost is per commit, not per row, and jobs that are not moving in step would
+    otherwise commit one or two at a time.
+    """
+
+    LINGER_BELOW = 32
+
+    def __init__(self, write: Callable[[list[Save]], Awaitable[set[str]]], linger: float) -> None:
+        self.write = write
+        self.linger = linger
+        self._pending: list[Save] = []
+        self._batch = _Batch()
+        self._flushing = False
+        self._leader_done = anyio.Event()
+        self.commits = 0  # observable by tests and the benchmark
+
+    async def save(self, item: Save) -> None:
+        self._pending.append(item)
+        batch = self._batch
+        while not batch.done.is_set():
+            if self._flushing:
+                await self._leader_done.wait()  # then one of us leads the next batch
+                continue
+            # Lead: commit everything pending (our batch), then hand over at once, so a
+            # leader never waits on batches that arrived after its own.
+            self._flushing = True
+            current = self._batch
+            try:
+                with anyio.CancelScope(shield=True):  # a commit is never cut in half
+                    if len(self._pending) < self.LINGER_BELOW:
+                        await anyio.sleep(self.linger)  # saves made meanwhile join in
+                    items, self._pending = self._pending, []
+                    self._batch = _Batch()
+                    current.lost = await self.write(items)
+                    self.commits += 1
+            except BaseException as exc:  # handed to every waiter of the batch
+                current.error = exc
+            finally:
+                self._flushing = False
+                current.done.set()
+                done, self._leader_done = self._leader_done, anyio.Event()
+                done.set()
+        if batch.error is not None:
+            raise batch.error
+        if item.record.name in batch.lost:
+            raise LeaseLost(f"{item.record.name}: another worker holds its lease")
 
 
 class SqliteStore:
     """SQLite in WAL mode. One connection, used from one worker thread at a time.
 
-    A commit that would carry fewer than ``LINGER_BELOW`` saves first waits ``linger``
-    seconds for more: most of a commit's cost is per commit, not per row, and jobs that
-    are not moving in step would otherwise commit one or two at a time.
+    One process owns the file (``OwnerLock``): its leases are the whole file's, so a
+    claim is all or nothing and nothing is fenced (``shared`` is False).
     """
 
-    LINGER_BELOW = 32
+    shared = False
 
-    def __init__(self, path: Path, linger: float = 0.005) -> None:
+    def __init__(
+        self, path: Path, linger: float = 0.005, *, owner: OwnerLock | None = None
+    ) -> None:
         self.path = path
-        self.linger = linger
+        self.owner = owner or OwnerLock(path)  # the one the caller holds, if it does
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
@@ -244,11 +418,11 @@ class SqliteStore:
             raise StoreError(f"{path}: not a usable state file ({exc})") from None
         self._thread_lock = threading.Lock()
         self._limiter = anyio.CapacityLimiter(1)
-        self._pending: list[_Write] = []
-        self._batch = _Batch()
-        self._flushing = False
-        self._leader_done = anyio.Event()
-        self.commits = 0  # observable by tests and the benchmark
+        self._group = GroupCommit(self._write_batch, linger)
+
+    @property
+    def commits(self) -> int:
+        return self._group.commits
 
     def _migrate(self) -> None:
         db = self._db
@@ -276,6 +450,10 @@ class SqliteStore:
     def close(self) -> None:
         with self._thread_lock:
             self._db.close()
+        self.owner.release()
+
+    async def aclose(self) -> None:
+        self.close()
 
     async def _run(self, fn: Any, *args: Any) -> Any:
         def locked() -> Any:
@@ -297,55 +475,19 @@ class SqliteStore:
         dataset: SharedDataset | None = None,
         events: Sequence[OutboxEvent] = (),
     ) -> None:
-        if dataset is not None:
-            self._pending.append(dataset)  # goes out in the record's commit
-        self._pending.extend(events)  # so do the notifications it owes
-        await self._commit((record, transition))
+        await self._group.save(Save(record, transition, dataset, events))
 
-    async def _commit(self, item: _Write) -> None:
-        self._pending.append(item)
-        batch = self._batch
-        while not batch.done.is_set():
-            if self._flushing:
-                await self._leader_done.wait()  # then one of us leads the next batch
-                continue
-            # Lead: commit everything pending (our batch), then hand over at once, so a
-            # leader never waits on batches that arrived after its own.
-            self._flushing = True
-            current = self._batch
-            try:
-                with anyio.CancelScope(shield=True):  # a commit is never cut in half
-                    if len(self._pending) < self.LINGER_BELOW:
-                        await anyio.sleep(self.linger)  # saves made meanwhile join in
-                    items, self._pending = self._pending, []
-                    self._batch = _Batch()
-                    await self._run(self._write, items)
-            except BaseException as exc:  # handed to every waiter of the batch
-                current.error = exc
-            finally:
-                self._flushing = False
-                current.done.set()
-                done, self._leader_done = self._leader_done, anyio.Event()
-                done.set()
-        if batch.error is not None:
-            raise batch.error
+    async def _write_batch(self, items: list[Save]) -> set[str]:
+        await self._run(self._write, items)
+        return set()  # one owner: nothing is fenced
 
-    def _write(self, items: list[_Write]) -> None:
+    def _write(self, items: list[Save]) -> None:
         now = time.time()
-        datasets = [
-            (i.content_key, i.dataset_id, i.s3_key, now)
-            for i in items
-            if isinstance(i, SharedDataset)
-        ]
-        events = [(e.url, e.body, now, now) for e in items if isinstance(e, OutboxEvent)]
-        saves = [i for i in items if isinstance(i, tuple)]
+        datasets = [(d.content_key, d.dataset_id, d.s3_key, now) for i in items if (d := i.dataset)]
+        events = [(e.url, e.body, now, now) for i in items for e in i.events]
         # Later saves of the same job in one batch supersede earlier ones.
-        rows = {record.name: _to_row(record) for record, _ in saves}
-        history = [
-            (t.name, t.old.value if t.old else None, t.new.value, t.at, t.detail)
-            for _, t in saves
-            if t is not None
-        ]
+        rows = {i.record.name: _to_row(i.record) for i in items}
+        history = [_history_row(t) for i in items if (t := i.transition)]
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -372,7 +514,6 @@ class SqliteStore:
             if db.in_transaction:  # SQLite rolls back by itself on a full disk or I/O error
                 db.execute("ROLLBACK")
             raise
-        self.commits += 1
 
     async def request_cancel(self, names: Iterable[str]) -> None:
         now = time.time()
@@ -414,10 +555,7 @@ class SqliteStore:
                 "WHERE name = ? ORDER BY id",
                 (name,),
             ).fetchall()
-            return [
-                Transition(r[0], State(r[1]) if r[1] else None, State(r[2]), r[3], r[4])
-                for r in rows
-            ]
+            return [_transition(r) for r in rows]
 
         result: list[Transition] = await self._run(read)
         return result
@@ -538,9 +676,39 @@ class SqliteStore:
         result: bool = await self._run(probe)
         return result
 
+    # ----------------------------------------------- one owner: leases are the file's
+
+    lease_ttl = math.inf
+
+    async def claim(self, names: Sequence[str]) -> dict[str, JobRecord]:
+        if not self.owner.held:
+            try:
+                self.owner.acquire()
+            except StateLockedError:
+                return {}  # another process owns the file, and so every job in it
+        return await self.load(names)
+
+    async def renew(self) -> set[str]:
+        return set()
+
+    async def release(self, names: Iterable[str] | None = None) -> None:
+        pass  # the file's lock goes when the store closes
+
+    async def leases(self) -> dict[str, Lease]:
+        return {}
+
+    async def wait_for_cancels(self, timeout: float) -> None:
+        await anyio.sleep(timeout)
+
+    async def claim_events(self, limit: int) -> list[OutboxEvent]:
+        return await self.due_events(time.time(), limit)
+
 
 class MemoryStore:
     """The same contract in memory, for unit tests of the lifecycle."""
+
+    shared = False
+    lease_ttl = math.inf
 
     def __init__(self) -> None:
         self.jobs: dict[str, JobRecord] = {}
@@ -630,6 +798,27 @@ class MemoryStore:
     async def healthy(self) -> bool:
         return True
 
+    async def claim(self, names: Sequence[str]) -> dict[str, JobRecord]:
+        return await self.load(names)
+
+    async def renew(self) -> set[str]:
+        return set()
+
+    async def release(self, names: Iterable[str] | None = None) -> None:
+        pass
+
+    async def leases(self) -> dict[str, Lease]:
+        return {}
+
+    async def wait_for_cancels(self, timeout: float) -> None:
+        await anyio.sleep(timeout)
+
+    async def claim_events(self, limit: int) -> list[OutboxEvent]:
+        return await self.due_events(time.time(), limit)
+
+    async def aclose(self) -> None:
+        pass
+
 
 class OwnerLock:
     """Only one engine may own a state file; the OS drops the lock when the process dies."""
@@ -637,6 +826,10 @@ class OwnerLock:
     def __init__(self, state_path: Path) -> None:
         self.path = state_path.with_name(state_path.name + ".lock")
         self._handle: IO[str] | None = None
+
+    @property
+    def held(self) -> bool:
+        return self._handle is not None
 
     def acquire(self) -> None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -22,6 +23,49 @@ FAST = dict(validation_seconds=0.3, queue_seconds=0.1, training_seconds=0.3)
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+POSTGRES = os.environ.get("ORCHESTRATOR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The test server's URL; outside CI a server that does not answer skips the test
+    (saying so), under CI=true it fails it."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(POSTGRES)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), 3).close()
+    except OSError as exc:
+        where = f"{parts.hostname}:{parts.port}"
+        message = f"no PostgreSQL at {where} ({exc}); set ORCHESTRATOR_TEST_POSTGRES"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return POSTGRES
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A database URL of the test's own: a fresh schema, dropped afterwards."""
+    import asyncio
+    import uuid
+
+    import asyncpg
+
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    sep = "&" if "?" in postgres_server else "?"
+    yield f"{postgres_server}{sep}schema={schema}"
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(postgres_server)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
 
 
 @pytest.fixture

@@ -5,13 +5,13 @@ from __future__ import annotations
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import pytest
 
-from orchestrator.errors import StateLockedError, StoreError
+from orchestrator.errors import LeaseLost, StateLockedError, StoreError
 from orchestrator.notify import OutboxEvent
 from orchestrator.states import JobRecord, State, Transition
 from orchestrator.store import (
@@ -21,19 +21,29 @@ from orchestrator.store import (
     OwnerLock,
     SharedDataset,
     SqliteStore,
+    StateLocation,
+    open_store,
 )
 
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture(params=["sqlite", "memory"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[CheckpointStore]:
+@pytest.fixture(params=["sqlite", "memory", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[CheckpointStore]:
     if request.param == "memory":
         yield MemoryStore()
         return
-    sqlite_store = SqliteStore(tmp_path / "state.db")
-    yield sqlite_store
-    sqlite_store.close()
+    if request.param == "postgresql":
+        location = StateLocation(request.getfixturevalue("postgres_url"))
+    else:
+        location = StateLocation(str(tmp_path / "state.db"))
+    async with open_store(location) as opened:
+        yield opened
+
+
+async def create(store: CheckpointStore, record: JobRecord) -> None:
+    """A job's first save is its creation (in a shared store, also its claim)."""
+    await store.save(record, Transition(record.name, None, record.state, 0.0))
 
 
 async def test_records_round_trip_with_history(store: CheckpointStore) -> None:
@@ -57,12 +67,14 @@ async def test_cancel_requests_and_shared_datasets(store: CheckpointStore) -> No
     assert await store.cancel_requests() == {"b"}
     assert await store.find_dataset("k") is None
     record = JobRecord(name="a", fingerprint="f", state=State.DATASET_READY, dataset_id="ds_9")
+    await create(store, record.evolve(state=State.PENDING))
     await store.save(record, dataset=SharedDataset("k", "ds_9", "datasets/x.jsonl"))
     assert await store.find_dataset("k") == SharedDataset("k", "ds_9", "datasets/x.jsonl")
 
 
 async def test_notifications_wait_in_the_outbox_until_delivered(store: CheckpointStore) -> None:
     record = JobRecord(name="a", fingerprint="f", state=State.SUCCEEDED, usage={"records": 3})
+    await create(store, record.evolve(state=State.TRAINING))
     events = [OutboxEvent("http://r.test/1", '{"x": 1}'), OutboxEvent("http://r.test/2", "{}")]
     await store.save(record, Transition("a", State.TRAINING, State.SUCCEEDED, 1.0), events=events)
     assert (await store.load())["a"].usage == {"records": 3}
@@ -177,3 +189,136 @@ async def test_only_one_owner(tmp_path: Path) -> None:
     assert not second.held_by_other()
     second.acquire()
     second.release()
+
+
+# ----------------------------------------------------------------- leases and fencing
+
+
+async def test_a_sqlite_file_is_claimed_whole_by_one_process(tmp_path: Path) -> None:
+    location = StateLocation(str(tmp_path / "state.db"))
+    async with open_store(location) as first, open_store(location) as second:
+        await create(first, JobRecord(name="a", fingerprint="f"))
+        assert set(await first.claim(["a"])) == {"a"}
+        assert await second.claim(["a"]) == {}  # the first owns the file, so every job
+
+
+async def test_one_worker_at_a_time_drives_a_job(postgres_url: str) -> None:
+    location = StateLocation(postgres_url)
+    async with (
+        open_store(location, lease_ttl=0.5) as a,
+        open_store(location, lease_ttl=0.5) as b,
+    ):
+        record = JobRecord(name="j", fingerprint="f")
+        await create(a, record)  # the creator holds the lease
+        with pytest.raises(LeaseLost):
+            await create(b, record)  # a second create of the same job is refused
+        assert await b.claim(["j"]) == {}
+        leases = await b.leases()
+        assert leases["j"].expires_in > 0
+        assert leases["j"].worker == getattr(a, "worker", None)
+        await anyio.sleep(0.7)  # a went quiet past its lease
+        taken = await b.claim(["j"])
+        assert taken["j"].state is State.PENDING
+        # Fencing: a's token is no longer the job's, so nothing of a's lands.
+        moved = record.evolve(state=State.DATASET_CREATED, dataset_id="ds_a")
+        with pytest.raises(LeaseLost):
+            await a.save(moved, Transition("j", State.PENDING, State.DATASET_CREATED, 1.0))
+        assert await a.renew() == set()  # already known lost; nothing else was held
+        await b.save(
+            moved.evolve(dataset_id="ds_b"),
+            Transition("j", State.PENDING, State.DATASET_CREATED, 2.0),
+        )
+        assert (await a.load(["j"]))["j"].dataset_id == "ds_b"
+        assert [t.at for t in await a.history("j")] == [0.0, 2.0]
+
+
+async def test_renew_reports_leases_taken_over(postgres_url: str) -> None:
+    location = StateLocation(postgres_url)
+    async with (
+        open_store(location, lease_ttl=0.3) as a,
+        open_store(location, lease_ttl=30) as b,
+    ):
+        await create(a, JobRecord(name="x", fingerprint="f"))
+        await create(a, JobRecord(name="y", fingerprint="f"))
+        assert await a.renew() == set()
+        await anyio.sleep(0.5)
+        assert set(await b.claim(["x", "y"])) == {"x", "y"}
+        assert await a.renew() == {"x", "y"}
+
+
+async def test_an_ended_job_releases_its_lease_and_release_frees_the_rest(
+    postgres_url: str,
+) -> None:
+    location = StateLocation(postgres_url)
+    async with open_store(location) as a, open_store(location) as b:
+        record = JobRecord(name="done", fingerprint="f", state=State.TRAINING)
+        await create(a, record)
+        await create(a, JobRecord(name="held", fingerprint="f"))
+        await a.save(
+            record.evolve(state=State.SUCCEEDED),
+            Transition("done", State.TRAINING, State.SUCCEEDED, 1.0),
+        )
+        assert set(await b.leases()) == {"held"}
+        await a.release()
+        assert set(await b.claim(["held", "done"])) == {"held", "done"}
+
+
+async def test_each_due_event_goes_to_one_deliverer(postgres_url: str) -> None:
+    location = StateLocation(postgres_url)
+    async with open_store(location) as a, open_store(location) as b:
+        record = JobRecord(name="e", fingerprint="f")
+        events = [OutboxEvent(f"http://r.test/{i}", "{}") for i in range(5)]
+        await a.save(record, Transition("e", None, State.PENDING, 0.0), events=events)
+        first, second = await a.claim_events(3), await b.claim_events(10)
+        assert len(first) == 3 and len(second) == 2
+        assert {e.id for e in first}.isdisjoint(e.id for e in second)
+        assert len(await a.undelivered()) == 5  # taken, not delivered
+
+
+async def test_a_cancel_request_wakes_the_listeners(postgres_url: str) -> None:
+    location = StateLocation(postgres_url)
+    async with open_store(location) as a, open_store(location) as b:
+        await b.wait_for_cancels(0.01)  # listening from now
+        started = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(b.wait_for_cancels, 30.0)
+            await anyio.sleep(0.1)
+            await a.request_cancel(["j"])
+        assert time.monotonic() - started < 10  # woken by NOTIFY, not by the 30 s poll
+        assert await b.cancel_requests() == {"j"}
+
+
+async def test_workers_starting_together_migrate_once(postgres_url: str) -> None:
+    location = StateLocation(postgres_url)
+
+    async def start() -> None:
+        async with open_store(location):
+            pass
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(start)
+    async with open_store(location) as store:
+        assert await store.count_by_state() == {}
+
+
+async def test_a_newer_database_schema_is_refused_in_one_line(postgres_url: str) -> None:
+    import asyncpg
+
+    from orchestrator.pgstore import SCHEMA_VERSION as PG_VERSION
+
+    location = StateLocation(postgres_url)
+    async with open_store(location):
+        pass
+    schema = postgres_url.rsplit("schema=", 1)[1]
+    conn = await asyncpg.connect(postgres_url.split("?")[0])
+    try:
+        await conn.execute(
+            f"UPDATE \"{schema}\".meta SET value = '{PG_VERSION + 1}' WHERE key = 'schema_version'"
+        )
+    finally:
+        await conn.close()
+    with pytest.raises(StoreError, match=r"newer than this orchestrator's") as caught:
+        async with open_store(location):
+            pass
+    assert "\n" not in str(caught.value)
