@@ -10,7 +10,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import checks, lifecycle, resume, soak, store, transports, uploads
+from bench import (
+    checks,
+    lifecycle,
+    pg_drivers,
+    resume,
+    soak,
+    store,
+    transports,
+    uploads,
+    workers,
+)
 
 # (key, target, "max" when lower is better / "min" when higher is better, unit)
 TARGETS = [
@@ -21,6 +31,7 @@ TARGETS = [
     ("polls_vs_minimum", 1.5, "max", "x  status GETs vs a perfect poller, cold"),
     ("polls_vs_minimum_warm", 1.5, "max", "x  status GETs vs a perfect poller, warm"),
     ("store_transitions_per_s", 5000, "min", "transitions/s"),
+    ("pg_store_transitions_per_s", 5000, "min", "transitions/s, PostgreSQL"),
     ("resume_first_transition_s", 1.0, "max", "s to the first resumed transition"),
     ("upload_vs_curl", 0.9, "min", "x  upload throughput vs curl -T"),
     ("dataset_check_mb_per_s", 100, "min", "MB/s local dataset checks"),
@@ -37,7 +48,17 @@ def main() -> None:
     parser.add_argument("--upload-gib", type=float, default=1.0)
     parser.add_argument(
         "--only",
-        choices=["checks", "uploads", "lifecycle", "store", "resume", "transports", "soak"],
+        choices=[
+            "checks",
+            "uploads",
+            "lifecycle",
+            "store",
+            "pg_drivers",
+            "workers",
+            "resume",
+            "transports",
+            "soak",
+        ],
     )
     args = parser.parse_args()
     results: dict[str, Any] = {}
@@ -45,6 +66,8 @@ def main() -> None:
     suites = {
         "checks": lambda: checks.run(),
         "store": lambda: store.run(),
+        "pg_drivers": lambda: pg_drivers.run(),
+        "workers": lambda: workers.run(),
         "transports": lambda: transports.run(),
         "resume": lambda: resume.run(),
         "lifecycle": lambda: lifecycle.run(jobs=args.jobs, repeats=args.repeats),

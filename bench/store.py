@@ -1,4 +1,5 @@
-"""Checkpoint transitions per second the SQLite store sustains under many concurrent jobs."""
+"""Checkpoint transitions per second the stores sustain under many concurrent jobs: SQLite
+and PostgreSQL, both group-committed, measured one after the other."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import anyio
 
 from orchestrator.states import JobRecord, State, Transition
-from orchestrator.store import SqliteStore
+from orchestrator.store import CheckpointStore, SqliteStore, StateLocation, open_store
 
 PATH = [
     State.PENDING,
@@ -26,7 +27,7 @@ PATH = [
 ]
 
 
-async def _drive(store: SqliteStore, jobs: int) -> float:
+async def _drive(store: CheckpointStore, jobs: int) -> float:
     async def job(n: int) -> None:
         record = JobRecord(name=f"job-{n:05d}", fingerprint="f" * 64)
         old = None
@@ -42,16 +43,32 @@ async def _drive(store: SqliteStore, jobs: int) -> float:
     return time.perf_counter() - started
 
 
+async def _postgres(jobs: int) -> tuple[float, int]:
+    from bench.pg_drivers import URL
+    from bench.workers import _drop
+
+    schema = f"bench_store_{int(time.time())}"
+    try:
+        async with open_store(StateLocation(f"{URL}?schema={schema}")) as store:
+            return await _drive(store, jobs), store.commits  # type: ignore[attr-defined]
+    finally:
+        await anyio.to_thread.run_sync(_drop, schema)
+
+
 def run(jobs: int = 2000) -> dict[str, Any]:
+    transitions = jobs * len(PATH)
     with tempfile.TemporaryDirectory(prefix="bench-store-") as tmp:
         store = SqliteStore(Path(tmp) / "state.db")
         try:
             seconds = anyio.run(_drive, store, jobs)
-            transitions = jobs * len(PATH)
-            return {
+            results: dict[str, Any] = {
                 "store_transitions_per_s": round(transitions / seconds),
                 "store_commits": store.commits,
                 "store_transitions_per_commit": round(transitions / store.commits, 1),
             }
         finally:
             store.close()
+    pg_seconds, pg_commits = anyio.run(_postgres, jobs)
+    results["pg_store_transitions_per_s"] = round(transitions / pg_seconds)
+    results["pg_store_transitions_per_commit"] = round(transitions / pg_commits, 1)
+    return results

@@ -13,7 +13,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import fields, replace
 from functools import partial
 from pathlib import Path
@@ -32,7 +32,13 @@ from orchestrator.settings import (
     UploadSettings,
 )
 from orchestrator.states import JobRecord, Transition, iso_time
-from orchestrator.store import OwnerLock, SqliteStore
+from orchestrator.store import (
+    DEFAULT_LEASE_TTL,
+    Lease,
+    OwnerLock,
+    StateLocation,
+    open_store,
+)
 
 if TYPE_CHECKING:
     from orchestrator.manifest import Manifest
@@ -42,14 +48,45 @@ if TYPE_CHECKING:
 DEFAULT_STATE = Path(".orchestrator") / "state.db"
 T = TypeVar("T")
 
-state_option = click.option(
-    "--state",
-    "state_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar="ORCHESTRATOR_STATE",
-    default=DEFAULT_STATE,
+
+def _password_file(ctx: click.Context, _: click.Parameter, value: Path | None) -> None:
+    ctx.meta["state_password_file"] = value
+
+
+def _state_location(ctx: click.Context, _: click.Parameter, value: str) -> StateLocation:
+    return StateLocation(value, ctx.meta.get("state_password_file"))
+
+
+def state_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option(
+        "--state",
+        "state",
+        default=str(DEFAULT_STATE),
+        envvar="ORCHESTRATOR_STATE",
+        show_default=True,
+        callback=_state_location,
+        help="SQLite state file, or a postgresql:// URL shared by several workers "
+        "(or ORCHESTRATOR_STATE).",
+    )(fn)
+    return click.option(
+        "--state-password-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar="ORCHESTRATOR_STATE_PASSWORD_FILE",
+        is_eager=True,  # read before --state, which it completes
+        expose_value=False,
+        callback=_password_file,
+        help="The database password, if not in the URL, PGPASSWORD or ~/.pgpass.",
+    )(fn)
+
+
+lease_ttl_option = click.option(
+    "--lease-ttl",
+    type=click.FloatRange(1.0),
+    default=DEFAULT_LEASE_TTL,
+    envvar="ORCHESTRATOR_LEASE_TTL",
     show_default=True,
-    help="SQLite state file (or ORCHESTRATOR_STATE).",
+    help="With a postgresql:// state: seconds a worker that went quiet keeps its jobs "
+    "before others take them over.",
 )
 min_examples_option = click.option(
     "--min-examples",
@@ -226,12 +263,14 @@ def cli() -> None:
     help="Start NAME afresh although its spec changed (repeatable).",
 )
 @click.option("--live/--no-live", default=None, help="Live view (default: when a terminal).")
+@lease_ttl_option
 @verbose_option
 @_notify_options
 @_settings_options
 def run(
     manifest_path: Path,
-    state_path: Path,
+    state: StateLocation,
+    lease_ttl: float,
     until: str,
     retry_failed: bool,
     replace_names: tuple[str, ...],
@@ -251,26 +290,28 @@ def run(
     sys.exit(
         _run_and_report(
             manifest_path,
-            state_path,
+            state,
             until,
             retry_failed,
             replace_names,
             settings,
             show_live,
             notify,
+            lease_ttl,
         )
     )
 
 
 def _run_and_report(
     manifest_path: Path,
-    state_path: Path,
+    state: StateLocation,
     until: str,
     retry_failed: bool,
     replace_names: Sequence[str],
     settings: EngineSettings,
     live: bool,
     notify: Notifications | None = None,
+    lease_ttl: float = DEFAULT_LEASE_TTL,
 ) -> int:
     """``run_manifest``, its summary printed; the exit code."""
     from orchestrator.runner import run_manifest
@@ -279,7 +320,7 @@ def _run_and_report(
     result = _run_async(
         lambda: run_manifest(
             manifest_path,
-            state_path,
+            state,
             until=until,
             retry_failed=retry_failed,
             replace=replace_names,
@@ -287,6 +328,7 @@ def _run_and_report(
             redactor=redactor,
             live=live,
             notify=notify,
+            lease_ttl=lease_ttl,
         )
     )
     _print_summary(result, redactor)
@@ -298,15 +340,12 @@ def _run_and_report(
     return summary.exit_code(until)
 
 
-async def _load_records(state_path: Path, names: Sequence[str]) -> dict[str, JobRecord]:
+async def _load_records(state: StateLocation, names: Sequence[str]) -> dict[str, JobRecord]:
     """The stored records of ``names``; an absent state file is not created here."""
-    if not await anyio.Path(state_path).exists():
+    if not await anyio.to_thread.run_sync(state.exists):
         return {}
-    store = SqliteStore(state_path)
-    try:
+    async with open_store(state) as store:
         return await store.load(names)
-    finally:
-        store.close()
 
 
 SHOWN_FAILURES = 5  # failed jobs listed with their reasons under run's summary
@@ -351,7 +390,7 @@ def _plural(n: int, word: str) -> str:
 @min_examples_option
 def plan(
     manifest_path: Path,
-    state_path: Path,
+    state: StateLocation,
     retry_failed: bool,
     replace_names: tuple[str, ...],
     min_examples: int,
@@ -364,7 +403,7 @@ def plan(
     async def go() -> list[PlannedJob]:
         manifest = load_manifest(manifest_path)
         reports = await inspect_datasets(manifest.jobs, CheckSettings(min_examples=min_examples))
-        records = await _load_records(state_path, [j.name for j in manifest.jobs])
+        records = await _load_records(state, [j.name for j in manifest.jobs])
         return plan_jobs(
             manifest.jobs, reports, records, retry_failed=retry_failed, replace=replace_names
         )
@@ -450,23 +489,20 @@ def _selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _selected(
-    state_path: Path, patterns: Sequence[str], where: Sequence[str], manifest: Path | None
+    state: StateLocation, patterns: Sequence[str], where: Sequence[str], manifest: Path | None
 ) -> list[JobRecord]:
     """The jobs of the state file that the command's selection names."""
     from orchestrator.selection import Selection
 
     selection = Selection.parse(patterns, where, manifest)
-    if not state_path.exists():
-        raise InputError(f"{state_path}: no state file (run a manifest first, or pass --state)")
+    if not state.exists():
+        raise InputError(f"{state}: no state file (run a manifest first, or pass --state)")
 
     async def load() -> dict[str, JobRecord]:
-        store = SqliteStore(state_path)
-        try:
+        async with open_store(state) as store:
             return await store.load()
-        finally:
-            store.close()
 
-    return selection.pick(_run_async(load).values(), state_path)
+    return selection.pick(_run_async(load).values(), state)
 
 
 @cli.command()
@@ -480,7 +516,7 @@ def _selected(
 )
 @_selection_options
 def status(
-    state_path: Path,
+    state: StateLocation,
     as_json: bool,
     history: bool,
     watch: bool,
@@ -489,16 +525,16 @@ def status(
     manifest_filter: Path | None,
 ) -> None:
     """Show jobs from the state file (works beside a running engine)."""
-    records = _selected(state_path, patterns, where, manifest_filter)
+    records = _selected(state, patterns, where, manifest_filter)
     redact = _redactor().text
     if as_json:
         click.echo(redact(json.dumps([r.public() for r in records], indent=2)))
         return
     if watch:
-        _watch_status(state_path, patterns, where, manifest_filter)
+        _watch_status(state, patterns, where, manifest_filter)
         return
-    click.echo(redact(_status_text(records)))
-    waiting = _run_async(lambda: _undelivered(state_path))
+    waiting, leases = _run_async(lambda: _undelivered_and_leases(state))
+    click.echo(redact(_status_text(records, leases)))
     if waiting:
         urls = sorted({event.url for event in waiting})
         click.echo(
@@ -509,7 +545,7 @@ def status(
             )
         )
     if history:
-        histories = _run_async(lambda: _histories(state_path, [r.name for r in records]))
+        histories = _run_async(lambda: _histories(state, [r.name for r in records]))
         for name, transitions in histories.items():
             click.echo(f"\n{name}:")
             for t in transitions:
@@ -517,13 +553,15 @@ def status(
                 click.echo(redact(line + (f"  ({t.detail})" if t.detail else "")))
 
 
-def _status_text(records: Sequence[JobRecord]) -> str:
-    from orchestrator.view import text_table, unknown_status_note
+def _status_text(records: Sequence[JobRecord], leases: Mapping[str, Lease] | None = None) -> str:
+    from orchestrator.view import lease_text, text_table, unknown_status_note
 
     headers = ["job", "state", "remote status", "dataset", "finetune", "model / error"]
     abandoned = any(r.abandoned_datasets or r.abandoned_finetunes for r in records)
     if abandoned:  # left behind by expired URLs, restarts, retries and replaces
         headers.append("abandoned")
+    if leases:  # a shared store: which worker drives each job
+        headers.append("worker (lease)")
     rows = []
     for r in records:
         remote = f"{r.remote_status} (unknown)" if r.unknown_status_since else r.remote_status
@@ -531,6 +569,8 @@ def _status_text(records: Sequence[JobRecord]) -> str:
         row.append(r.fine_tuned_model or r.error)
         if abandoned:
             row.append(", ".join((*r.abandoned_datasets, *r.abandoned_finetunes)) or None)
+        if leases:
+            row.append(lease_text(leases.get(r.name)))
         rows.append(row)
     text = text_table(headers, rows)
     notes = [note for r in records if (note := unknown_status_note(r))]
@@ -541,7 +581,7 @@ def _status_text(records: Sequence[JobRecord]) -> str:
 
 
 def _watch_status(
-    state_path: Path, patterns: Sequence[str], where: Sequence[str], manifest: Path | None
+    state: StateLocation, patterns: Sequence[str], where: Sequence[str], manifest: Path | None
 ) -> None:
     """The status table, read again every second, until every shown job has ended."""
     import time
@@ -553,27 +593,21 @@ def _watch_status(
     redact = _redactor().text
     with Live(console=Console(), auto_refresh=False) as live:
         while True:
-            records = _selected(state_path, patterns, where, manifest)
+            records = _selected(state, patterns, where, manifest)
             live.update(Text(redact(_status_text(records))), refresh=True)
             if all(r.state.terminal for r in records):
                 return
             time.sleep(1.0)
 
 
-async def _undelivered(state_path: Path) -> list[Any]:
-    store = SqliteStore(state_path)
-    try:
-        return await store.undelivered()
-    finally:
-        store.close()
+async def _undelivered_and_leases(state: StateLocation) -> tuple[list[Any], dict[str, Lease]]:
+    async with open_store(state) as store:
+        return await store.undelivered(), await store.leases()
 
 
-async def _histories(state_path: Path, names: Sequence[str]) -> dict[str, list[Transition]]:
-    store = SqliteStore(state_path)
-    try:
+async def _histories(state: StateLocation, names: Sequence[str]) -> dict[str, list[Transition]]:
+    async with open_store(state) as store:
         return {name: await store.history(name) for name in names}
-    finally:
-        store.close()
 
 
 # -------------------------------------------------------------------- results
@@ -591,7 +625,7 @@ async def _histories(state_path: Path, names: Sequence[str]) -> dict[str, list[T
 )
 @_selection_options
 def results(
-    state_path: Path,
+    state: StateLocation,
     output: str,
     patterns: tuple[str, ...],
     where: tuple[str, ...],
@@ -603,7 +637,7 @@ def results(
 
     from orchestrator.view import text_table
 
-    records = _selected(state_path, patterns, where, manifest_filter)
+    records = _selected(state, patterns, where, manifest_filter)
     rows = [r.result() for r in records if r.state.terminal]
     redact = _redactor().text
     if output == "json":
@@ -640,6 +674,24 @@ def _size_of(row: dict[str, Any]) -> str | None:
 
 @cli.command()
 @state_option
+def migrate(state: StateLocation) -> None:
+    """Bring the state's schema up to date, and say from which version. Every run and
+    daemon does this as it starts (the first of several workers; the others wait); this
+    does only that, before the workers of a new release start."""
+
+    async def go() -> tuple[int, int]:
+        async with open_store(state) as store:
+            return store.schema
+
+    found, now = _run_async(go)
+    if found == now:
+        click.echo(f"{state}: schema version {now}, up to date")
+    else:
+        click.echo(f"{state}: schema version {found or 'none'} -> {now}")
+
+
+@cli.command()
+@state_option
 @click.option(
     "--finished-before",
     type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S"]),
@@ -651,7 +703,7 @@ def _size_of(row: dict[str, Any]) -> str | None:
     help="Also jobs their manifest still names (a later run would submit them again).",
 )
 @click.argument("names", nargs=-1, metavar="[NAME|GLOB]...")
-def forget(state_path: Path, finished_before: Any, force: bool, names: tuple[str, ...]) -> None:
+def forget(state: StateLocation, finished_before: Any, force: bool, names: tuple[str, ...]) -> None:
     """Remove finished jobs and their history from the state file. Jobs in flight are
     refused (cancel them first), and so are jobs their manifest still names, unless
     --force: a run of that manifest would submit them again."""
@@ -659,8 +711,8 @@ def forget(state_path: Path, finished_before: Any, force: bool, names: tuple[str
 
     if not names and finished_before is None:
         raise click.UsageError("name the jobs to forget, or pass --finished-before DATE")
-    records = _selected(state_path, (), (), None)
-    chosen = {r.name: r for r in _selected(state_path, names, (), None)} if names else {}
+    records = _selected(state, (), (), None)
+    chosen = {r.name: r for r in _selected(state, names, (), None)} if names else {}
     if finished_before is not None:
         cutoff = timegm(finished_before.timetuple())
         chosen.update({r.name: r for r in records if r.state.terminal and r.updated_at < cutoff})
@@ -677,11 +729,8 @@ def forget(state_path: Path, finished_before: Any, force: bool, names: tuple[str
             )
 
     async def go() -> list[str]:
-        store = SqliteStore(state_path)
-        try:
+        async with open_store(state) as store:
             return await store.forget(sorted(chosen))
-        finally:
-            store.close()
 
     gone = _run_async(go)
     click.echo(f"forgot {_plural(len(gone), 'job')}" + (f": {', '.join(gone)}" if gone else ""))
@@ -729,7 +778,7 @@ def _still_named(record: JobRecord, names_in: dict[str, set[str] | None]) -> boo
 def cancel(
     names: tuple[str, ...],
     cancel_all: bool,
-    state_path: Path,
+    state: StateLocation,
     manifest_path: Path | None,
     wait: float,
 ) -> None:
@@ -741,13 +790,13 @@ def cancel(
 
     if bool(names) == cancel_all:
         raise click.UsageError("name the jobs to cancel, or pass --all")
-    if not state_path.exists():
-        raise InputError(f"{state_path}: no state file")
+    if not state.exists():
+        raise InputError(f"{state}: no state file")
     redactor = _redactor()
     _logging(redactor, quiet=True)
     outcomes = _run_async(
         lambda: cancel_jobs(
-            state_path,
+            state,
             names,
             cancel_all=cancel_all,
             manifest_path=manifest_path,
@@ -800,17 +849,19 @@ def cancel(
     type=click.Path(dir_okay=False, path_type=Path),
     help="A bearer token the page and the JSON require (needed to listen off loopback).",
 )
+@lease_ttl_option
 @verbose_option
 @_notify_options
 @_settings_options
 def daemon(
     watch_dir: Path,
-    state_path: Path,
+    state: StateLocation,
     listen: str,
     rescan: float,
     force_polling: bool,
     shutdown_grace: float,
     auth_token_file: Path | None,
+    lease_ttl: float,
     verbose: bool,
     notify_urls: tuple[str, ...],
     notify_secret_file: Path | None,
@@ -848,29 +899,33 @@ def daemon(
     notify = _notifications(notify_urls, notify_secret_file)
     # Every manifest's key is registered as it loads; the environment's one now.
     redactor.add_secret(os.environ.get("PORTKEY_API_KEY"))
-    lock = OwnerLock(state_path)
-    lock.acquire()
-    try:
-        store = SqliteStore(state_path)
+    redactor.add_secret(state.password())
+
+    async def serve() -> int:
+        owner = None if state.is_database else OwnerLock(state.path)
         try:
-            service = Daemon(
-                watch_dir,
-                store,
-                settings,
-                Metrics(),
-                listen=address,
-                rescan_interval=rescan,
-                force_polling=force_polling,
-                redactor=redactor,
-                notify=notify,
-                auth_token=token,
-            )
-            _run_async(service.run)
+            if owner is not None:
+                owner.acquire()  # one daemon or run per SQLite file
+            async with open_store(state, owner=owner, lease_ttl=lease_ttl) as store:
+                service = Daemon(
+                    watch_dir,
+                    store,
+                    settings,
+                    Metrics(),
+                    listen=address,
+                    rescan_interval=rescan,
+                    force_polling=force_polling,
+                    redactor=redactor,
+                    notify=notify,
+                    auth_token=token,
+                )
+                await service.run()
+                return service.exit_code
         finally:
-            store.close()
-    finally:
-        lock.release()
-    sys.exit(service.exit_code)
+            if owner is not None:
+                owner.release()
+
+    sys.exit(_run_async(serve))
 
 
 # ------------------------------------------------------------------------ sim
@@ -983,7 +1038,7 @@ def demo(manifest_path: Path | None) -> None:
             simulator.call(partial(simulator.simulator.preload, key, path))
         os.environ["PORTKEY_BASE_URL"] = simulator.url
         os.environ["PORTKEY_API_KEY"] = config.api_key
-        state = Path(tmp) / "state.db"
+        state = StateLocation(str(Path(tmp) / "state.db"))
         click.echo(f"simulator on {simulator.url}; running {manifest_path}\n")
         settings = _settings(4, 64, 0.5, 2.0, 10)
         redactor = _redactor()

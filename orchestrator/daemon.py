@@ -41,7 +41,7 @@ from orchestrator.plan import inspect_datasets, plan_jobs
 from orchestrator.runner import Gateway, Notifications, gateway_of, open_engine
 from orchestrator.settings import EngineSettings
 from orchestrator.states import iso_time
-from orchestrator.store import SqliteStore
+from orchestrator.store import CheckpointStore
 
 log = structlog.get_logger("daemon")
 MANIFEST_SUFFIXES = (".yaml", ".yml")
@@ -59,7 +59,7 @@ class ManifestFile:
 @dataclass
 class Daemon:
     watch_dir: Path
-    store: SqliteStore
+    store: CheckpointStore
     settings: EngineSettings
     metrics: Metrics
     listen: tuple[str, int] = ("127.0.0.1", 9464)

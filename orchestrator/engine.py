@@ -7,6 +7,11 @@ the store (the control plane), checked between steps and during every wait.
 One driver per job: every change to a job (its steps, a cancel, a replace) is made by
 the one task that drives it, so two tasks never move the same job. A transient error
 is retried, never a verdict; an error handler never raises.
+
+With a shared store (PostgreSQL), one driver in all the workers: a job is driven here
+only under its lease. The engine renews its leases, stops driving a job whose lease was
+taken over before its next call to the gateway, follows the jobs other workers drive,
+and takes over those whose workers went quiet.
 """
 
 from __future__ import annotations
@@ -29,13 +34,14 @@ from orchestrator import lifecycle
 from orchestrator.errors import (
     AuthError,
     GatewayError,
+    LeaseLost,
     RetryableError,
     StoreError,
     UploadError,
 )
 from orchestrator.lifecycle import JobRun, Lifecycle
 from orchestrator.notify import events_for
-from orchestrator.plan import Action, PlannedJob
+from orchestrator.plan import Action, PlannedJob, replanned
 from orchestrator.retry import RetryPolicy
 from orchestrator.states import JobRecord, State, Transition, check_transition
 
@@ -44,6 +50,12 @@ log = structlog.get_logger("engine")
 # The wait between attempts of a step that failed transiently; how long it may keep
 # failing is ``EngineSettings.step_deadline``.
 STEP_RETRY = RetryPolicy(initial=1.0, coefficient=2.0, maximum=60.0)
+# Leases are renewed every third of their time; a job is not acted on once this share of
+# it has passed since the last renewal was sent (a pause, a slow database) until the
+# next renewal says the lease is still held.
+LEASE_TRUSTED = 0.8
+# Plans that rewrite a stored job: with a shared store they claim it before applying.
+REWRITES = (Action.RETRY, Action.REPLACE, Action.INVALID)
 
 
 @dataclass
@@ -150,6 +162,11 @@ class Engine:
         self.broken: str | None = None
         self.step_slots = anyio.Semaphore(lc.settings.step_concurrency, fast_acquire=True)
         self.timer = PollTimer()
+        # Until when (monotonic) this worker's leases are known to hold: forever with
+        # one owner; with a shared store, from the first renewal (made before any step).
+        self._leases_trusted_until = 0.0 if lc.store.shared else math.inf
+        self._renewing = anyio.Lock()
+        self._claiming = anyio.Lock()
 
     # ----------------------------------------------------------------- control
 
@@ -172,6 +189,8 @@ class Engine:
             self._group = tg
             tg.start_soon(self.timer.serve)
             tg.start_soon(self.watch_cancels)
+            if self.lc.store.shared:
+                tg.start_soon(self.keep_leases)
 
     async def watch_cancels(self) -> None:
         """Forever: hand cancel requests in the store to the jobs' drivers."""
@@ -181,7 +200,7 @@ class Engine:
                 await self._take_cancels()
             except StoreError as exc:
                 self.halt(str(exc))
-            await anyio.sleep(interval)
+            await self.lc.store.wait_for_cancels(interval)  # a notification comes sooner
 
     async def _take_cancels(self) -> None:
         store = self.lc.store
@@ -190,6 +209,8 @@ class Engine:
         records = await store.load(strangers) if strangers else {}
         for name in requested:
             run = self.runs.get(name)
+            if run is not None and run.elsewhere:
+                continue  # its driver, in another worker, applies it
             if run is None:
                 record = records.get(name)
                 if record is None or record.state.terminal:
@@ -204,6 +225,122 @@ class Engine:
                 elif self._group is not None:  # known but left alone (spec changed)
                     self._driving.add(name)
                     self._group.start_soon(self.drive, run)
+
+    # ------------------------------------------------------------------- leases
+
+    async def keep_leases(self) -> None:
+        """Forever, with a shared store: renew this worker's leases, and take over the
+        jobs followed here whose workers went quiet."""
+        while True:
+            await anyio.sleep(self.lc.store.lease_ttl / 3)
+            try:
+                await self._renew()
+                await self._take_over()
+            except StoreError as exc:
+                self.halt(str(exc))
+
+    async def _renew(self) -> None:
+        async with self._renewing:
+            if time.monotonic() < self._leases_trusted_until - self.lc.store.lease_ttl / 2:
+                return  # renewed meanwhile, by another caller
+            sent = time.monotonic()
+            lost = await self.lc.store.renew()
+            self._leases_trusted_until = sent + self.lc.store.lease_ttl * LEASE_TRUSTED
+        for name in lost:
+            run = self.runs.get(name)
+            if run is not None:
+                self._lost(run)
+
+    async def _lease_held(self, run: JobRun) -> bool:
+        """Whether ``run`` may act now: its lease is known to hold (renewed first when the
+        last renewal is too old to vouch for it)."""
+        if time.monotonic() >= self._leases_trusted_until:
+            await self._renew()
+        return not run.lease_lost
+
+    def _lost(self, run: JobRun) -> None:
+        if not run.lease_lost:
+            run.lease_lost = True
+            run.wake.set()
+            run.log.warning("another worker took this job over; no longer driven here")
+
+    async def _take_over(self) -> None:
+        """Refresh the jobs followed here, and claim those nobody drives any more."""
+        followed = [name for name, run in self.runs.items() if run.elsewhere]
+        if not followed or self.stopping:
+            return
+        for name, record in (await self.lc.store.load(followed)).items():
+            run = self.runs[name]
+            run.record = record
+            if self._done(record.state) and not self.keep_finished:
+                self.runs.pop(name, None)
+        if self._group is not None:
+            await self._claim_free(self._group)
+
+    async def _claim_free(self, group: anyio.abc.TaskGroup) -> None:
+        """Claim the jobs followed here that no worker drives, ``ADMIT_CHUNK`` at a time
+        while this worker has room (``_admission_room``): workers that start together
+        share a manifest's jobs, and a dead worker's jobs spread over the living."""
+        async with self._claiming:  # one claimer at a time in this worker
+            while not self.stopping:
+                # The same spec and dataset content only: a worker whose copy of the
+                # manifest or of the dataset differs leaves the job to those whose
+                # copy matches (checked again on the claimed record).
+                candidates = [
+                    name
+                    for name, run in self.runs.items()
+                    if run.elsewhere
+                    and not self._done(run.record.state)
+                    and run.record.fingerprint == run.fingerprint
+                ]
+                if not candidates:
+                    return
+                claimed = await self.lc.store.claim(candidates, limit=self.ADMIT_CHUNK)
+                if not claimed:
+                    return
+                unwanted = []
+                for name, record in claimed.items():
+                    run = self.runs[name]
+                    if self._done(record.state) or record.fingerprint != run.fingerprint:
+                        run.record = record  # ended meanwhile, or not this copy's job
+                        unwanted.append(name)
+                        continue
+                    run.take_over(record)
+                    self._driving.add(name)
+                    group.start_soon(self.drive, run)
+                if unwanted:
+                    await self.lc.store.release(unwanted)
+                # Claim more once these no longer queue here: a worker takes the jobs
+                # it can start now, and leaves the rest to workers with room.
+                await self._admission_room()
+                async with self.lc.small_upload_slots:
+                    pass
+
+    async def _claim_plans(self, planned: list[PlannedJob]) -> tuple[list[PlannedJob], set[str]]:
+        """With a shared store, every job is followed (the names returned) until it is
+        claimed (``_claim_free``), but for a plan that rewrites a stored job (a retry, a
+        replace), which claims it first: one leased elsewhere is then only followed, and
+        one that moved since it was planned is planned again from what it is now."""
+        wanted = [p.spec.name for p in planned if p.record is not None and p.action in REWRITES]
+        claimed = await self.lc.store.claim(wanted) if wanted else {}
+        result, elsewhere, idle = [], set(), []
+        for plan in planned:
+            name, record = plan.spec.name, plan.record
+            if record is not None and plan.action in REWRITES:
+                fresh = claimed.get(name)
+                if fresh is None:
+                    elsewhere.add(name)
+                elif fresh.updated_at != record.updated_at:
+                    plan = replanned(plan, fresh)
+                    if plan.action not in REWRITES:
+                        idle.append(name)
+                        elsewhere.add(name)
+            elif plan.action is Action.RESUME:
+                elsewhere.add(name)
+            result.append(plan)
+        if idle:
+            await self.lc.store.release(idle)
+        return result, elsewhere
 
     # ------------------------------------------------------------------ batches
 
@@ -222,6 +359,7 @@ class Engine:
                     admitted = await self.admit(chunk, summary)
                     await self.start(jobs, admitted)
                     runs += admitted
+            await self._until_done(runs)
             outer.cancel_scope.cancel()
         for run in runs:
             summary.states[run.record.name] = run.record.state
@@ -235,13 +373,30 @@ class Engine:
         summary.fatal, summary.broken = self.fatal, self.broken
         return summary
 
+    async def _until_done(self, runs: list[JobRun]) -> None:
+        """Until the jobs driven elsewhere have reached their goal too, and the drivers
+        of those taken over here have returned (or ``stop``, and then every driver)."""
+
+        def pending(run: JobRun) -> bool:
+            if run.elsewhere:
+                return not self._done(run.record.state)
+            return run.record.name in self._driving
+
+        while not self.stopping and any(pending(run) for run in runs):
+            await anyio.sleep(0.2)
+        if self.stopping:
+            await self.wait_idle()
+
     async def start(self, group: anyio.abc.TaskGroup, runs: list[JobRun]) -> None:
-        """Drive ``runs`` in ``group``, ``ADMIT_CHUNK`` at a time (see ``_admission_room``)."""
-        for index, run in enumerate(runs, 1):
+        """Drive ``runs`` in ``group``, ``ADMIT_CHUNK`` at a time (see ``_admission_room``);
+        those driven elsewhere are only followed (``keep_leases``)."""
+        for index, run in enumerate((r for r in runs if not r.elsewhere), 1):
             self._driving.add(run.record.name)  # admitted runs are owned already
             group.start_soon(self.drive, run)
             if index % self.ADMIT_CHUNK == 0:
                 await self._admission_room()
+        if self.lc.store.shared:
+            await self._claim_free(group)
 
     async def _admission_room(self) -> None:
         """Return once the jobs already started no longer queue for step slots.
@@ -257,12 +412,22 @@ class Engine:
             pass
 
     async def admit(self, planned: Iterable[PlannedJob], summary: RunSummary) -> list[JobRun]:
-        """Apply each plan to the store; return the runs to drive."""
+        """Apply each plan to the store; return the runs to drive (and, with a shared
+        store, those to follow: ``elsewhere``)."""
         planned = list(planned)
+        shared = self.lc.store.shared
+        elsewhere: set[str] = set()
+        if shared:
+            planned, elsewhere = await self._claim_plans(planned)
         applied: list[JobRecord | None] = [None] * len(planned)
 
         async def apply(index: int, plan: PlannedJob) -> None:
-            applied[index] = await self._apply(plan)
+            try:
+                applied[index] = await self._apply(plan)
+            except LeaseLost:  # another worker created it first: followed from the store
+                applied[index] = JobRecord(plan.spec.name, plan.fingerprint)
+            if shared and plan.action is Action.CREATE:
+                elsewhere.add(plan.spec.name)  # recorded free: claimed as there is room
 
         async def moved(index: int, record: JobRecord, manifest: str) -> None:
             # Its manifest was moved: the job follows the file that names it now.
@@ -274,8 +439,12 @@ class Engine:
         async with anyio.create_task_group() as tg:
             for index, plan in enumerate(planned):
                 record = plan.record
-                if record is not None and plan.action in (Action.RESUME, Action.UNCHANGED):
-                    if record.manifest != plan.spec.manifest:
+                if plan.spec.name in elsewhere:
+                    applied[index] = record
+                elif record is not None and plan.action in (Action.RESUME, Action.UNCHANGED):
+                    # A shared store's job keeps the manifest path it was first sent from:
+                    # each machine may keep its copy elsewhere.
+                    if record.manifest != plan.spec.manifest and not shared:
                         tg.start_soon(moved, index, record, plan.spec.manifest)
                     else:
                         applied[index] = record
@@ -293,10 +462,12 @@ class Engine:
                 continue
             if plan.action is Action.CONFLICT:
                 continue  # another manifest's job: not this engine's to know
-            run = JobRun(plan.spec, record, plan.report)
+            run = JobRun(plan.spec, record, plan.report, elsewhere=record.name in elsewhere)
             if self.keep_finished or not record.state.terminal:
                 self.runs[plan.spec.name] = run  # the jobs the engine knows, for views
-            if not self._done(record.state) and not plan.left_alone:
+            if run.elsewhere:
+                runs.append(run)  # followed until it ends, or taken over
+            elif not self._done(record.state) and not plan.left_alone:
                 # Owned from now, before any await: a cancel seen meanwhile waits for
                 # this driver instead of starting one of its own.
                 self._driving.add(record.name)
@@ -397,6 +568,8 @@ class Engine:
         try:
             await self._drive(run)
         finally:
+            if run.lease_lost:
+                run.elsewhere = True  # followed again, and taken back if its worker dies
             self._driving.discard(name)
             if not self.keep_finished and run.record.state.terminal:
                 self.runs.pop(name, None)
@@ -416,7 +589,7 @@ class Engine:
 
     async def _drive(self, run: JobRun) -> None:
         failures, failing_since, failing_step = 0, 0.0, None
-        while not self._done(run.record.state) and not self.stopping:
+        while not self._done(run.record.state) and not self.stopping and not run.lease_lost:
             step: lifecycle.Step | None = lifecycle.cancel_job if run.cancel_requested else None
             if step is None:
                 state = run.record.state
@@ -469,12 +642,16 @@ class Engine:
         Never raises (but for cancellation): one job's trouble is not the batch's."""
         try:
             if step is lifecycle.prepare_dataset and run.spec.dataset_path is not None:
-                await step(self.lc, run)  # bounded by its upload slots instead
+                if await self._lease_held(run):
+                    await step(self.lc, run)  # bounded by its upload slots instead
             else:
                 async with self.step_slots:
                     if run.cancel_requested and step is not lifecycle.cancel_job:
                         return None  # asked while it waited for a slot: cancel first
-                    await step(self.lc, run)
+                    if await self._lease_held(run):
+                        await step(self.lc, run)
+        except LeaseLost:
+            self._lost(run)  # its save was refused: the job's new worker carries on
         except RetryableError as exc:
             run.log.warning("step will be retried", error=str(exc))
             return exc
@@ -500,6 +677,8 @@ class Engine:
                 run, State.CANCELLED, detail, intent=None, next_poll_at=None, error=detail
             )
             await self.lc.store.clear_cancel(run.record.name)
+        except LeaseLost:
+            self._lost(run)
         except StoreError as exc:
             self.halt(str(exc))
 
@@ -511,6 +690,8 @@ class Engine:
             await self.lc.transition(
                 run, State.FAILED, "error", error=message, intent=None, **changes
             )
+        except LeaseLost:
+            self._lost(run)
         except StoreError as exc:
             self.halt(str(exc))
         except Exception:
@@ -530,7 +711,7 @@ class Engine:
                 await run.wake.wait()
             finally:
                 self.timer.woke(run)
-            if self.stopping or run.cancel_requested:
+            if self.stopping or run.cancel_requested or run.lease_lost:
                 return False
             run.wake = anyio.Event()
 

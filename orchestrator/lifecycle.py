@@ -81,6 +81,18 @@ class JobRun:
     last_poll_at: float | None = None  # wall clock of the last status GET
     sleeping_until: float | None = None  # wall clock its poll is due, while it waits
     unsent_intent: str | None = None  # persisted by this process; its call not sent yet
+    elsewhere: bool = False  # another worker holds its lease: followed here, not driven
+    lease_lost: bool = False  # taken over while this process drove it
+
+    def take_over(self, record: JobRecord) -> None:
+        """This process drives the job from ``record`` on; what it knew is forgotten."""
+        self.record, self.elsewhere, self.lease_lost = record, False, False
+        self.signed_url, self.last_poll_at, self.unsent_intent = None, None, None
+        self.wake = anyio.Event()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.spec.fingerprint(self.report.sha256 if self.report else None)
 
     @property
     def log(self) -> Any:

@@ -83,6 +83,8 @@ class OutboxStore(Protocol):
 
     async def due_events(self, now: float, limit: int, since: float = 0.0) -> list[OutboxEvent]: ...
 
+    async def claim_events(self, limit: int) -> list[OutboxEvent]: ...
+
     async def event_delivered(self, event_id: int) -> None: ...
 
     async def event_failed(self, event_id: int, next_at: float) -> None: ...
@@ -90,7 +92,8 @@ class OutboxStore(Protocol):
 
 class Notifier:
     """Delivers the outbox. ``serve`` forever (the daemon), or ``drain`` before a batch
-    exits; several at once on one store would only deliver some events twice."""
+    exits; several at once on one store (workers sharing a database) each take their own
+    events."""
 
     POLL = 0.5  # seconds between looks at the outbox
 

@@ -94,7 +94,8 @@ CREATE TABLE transitions (
     old_state TEXT,
     new_state TEXT NOT NULL,
     at DOUBLE PRECISION NOT NULL,
-    detail TEXT
+    detail TEXT,
+    worker TEXT
 );
 CREATE INDEX transitions_by_name ON transitions (name, id);
 CREATE TABLE cancel_requests (name TEXT PRIMARY KEY, requested_at DOUBLE PRECISION NOT NULL);
@@ -129,14 +130,13 @@ FROM jsonb_populate_recordset(NULL::jobs, $1::jsonb) AS v
 WHERE jobs.name = v.name AND jobs.lease_token = v.lease_token
 RETURNING jobs.name
 """
-# A new job is created with its lease: the insert is the claim, and only one worker's wins.
+# A new job is recorded free (any worker with room claims it); of two workers creating
+# the same job, only one's insert lands.
 _INSERT = f"""
-INSERT INTO jobs ({_COLUMNS}, lease_owner, lease_token, lease_claimed_at, lease_expires_at)
-SELECT {_COLUMNS}, CASE WHEN state = ANY($4::text[]) THEN NULL ELSE $2 END,
-    nextval('lease_tokens'), {NOW}, {NOW} + $3
-FROM jsonb_populate_recordset(NULL::jobs, $1::jsonb)
+INSERT INTO jobs ({_COLUMNS})
+SELECT {_COLUMNS} FROM jsonb_populate_recordset(NULL::jobs, $1::jsonb)
 ON CONFLICT (name) DO NOTHING
-RETURNING name, lease_token
+RETURNING name
 """
 _CLAIM = f"""
 WITH free AS (
@@ -144,6 +144,7 @@ WITH free AS (
     WHERE name = ANY($1::text[])
       AND (lease_owner IS NULL OR lease_expires_at < {NOW})
     ORDER BY name
+    LIMIT $4
     FOR UPDATE SKIP LOCKED
 )
 UPDATE jobs SET lease_owner = $2, lease_token = nextval('lease_tokens'),
@@ -195,6 +196,7 @@ class PostgresStore:
         self._group = GroupCommit(self._write_batch, self.LINGER)
         self._listener: Any = None
         self._cancel_hint = anyio.Event()
+        self.schema = (SCHEMA_VERSION, SCHEMA_VERSION)
 
     @classmethod
     async def connect(
@@ -214,7 +216,7 @@ class PostgresStore:
             raise StoreError(f"{shown}: cannot connect: {_reason(exc)}") from None
         store = cls(pool, shown, lease_ttl, options)
         try:
-            await store.migrate(schema)
+            store.schema = await store.migrate(schema)
         except BaseException:
             await pool.close()
             raise
@@ -291,22 +293,19 @@ class PostgresStore:
             written: set[str] = set()
             if created:
                 rows = [_row(i.record) for i in created.values()]
-                made = await conn.fetch(
-                    _INSERT, _json(rows), self.worker, self.lease_ttl, _TERMINAL
-                )
-                for name, token in made:
-                    self._tokens[name] = token
-                    written.add(name)
+                made = await conn.fetch(_INSERT, _json(rows))
+                written.update(r[0] for r in made)
             if updated:
                 rows = [_row(i.record, self._tokens.get(name, -1)) for name, i in updated.items()]
                 done = await conn.fetch(_UPDATE, _json(rows), _TERMINAL)
                 written.update(r[0] for r in done)
             kept = [i for i in items if i.record.name in written]
-            history = [_history_row(t) for i in kept if (t := i.transition)]
+            # Each transition says which worker made it: the audit trail of a takeover.
+            history = [(*_history_row(t), self.worker) for i in kept if (t := i.transition)]
             if history:
                 await conn.executemany(
-                    "INSERT INTO transitions (name, old_state, new_state, at, detail) "
-                    "VALUES ($1, $2, $3, $4, $5)",
+                    "INSERT INTO transitions (name, old_state, new_state, at, detail, worker) "
+                    "VALUES ($1, $2, $3, $4, $5, $6)",
                     history,
                 )
             now = time.time()
@@ -459,11 +458,11 @@ class PostgresStore:
 
     # ------------------------------------------------------------------- leases
 
-    async def claim(self, names: Sequence[str]) -> dict[str, JobRecord]:
+    async def claim(self, names: Sequence[str], limit: int | None = None) -> dict[str, JobRecord]:
         if not names:
             return {}
         async with self._conn() as conn:
-            rows = await conn.fetch(_CLAIM, list(names), self.worker, self.lease_ttl)
+            rows = await conn.fetch(_CLAIM, list(names), self.worker, self.lease_ttl, limit)
         claimed = {}
         for row in rows:
             values = tuple(row)
@@ -472,6 +471,7 @@ class PostgresStore:
         return claimed
 
     async def renew(self) -> set[str]:
+        before = dict(self._tokens)
         async with self._conn() as conn:
             rows = await conn.fetch(
                 f"UPDATE jobs SET lease_expires_at = {NOW} + $2 WHERE lease_owner = $1 "
@@ -480,9 +480,11 @@ class PostgresStore:
                 self.lease_ttl,
             )
         held = dict(rows)
-        lost = {name for name, token in self._tokens.items() if held.get(name) != token}
+        # Only leases held before the renewal went out: one claimed meanwhile is not lost.
+        lost = {name for name, token in before.items() if held.get(name) != token}
         for name in lost:
-            del self._tokens[name]
+            if self._tokens.get(name) == before[name]:
+                del self._tokens[name]
         return lost
 
     async def release(self, names: Iterable[str] | None = None) -> None:

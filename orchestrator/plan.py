@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -136,6 +136,16 @@ def plan_jobs(
             action = Action.INVALID
         planned.append(PlannedJob(spec, action, fingerprint, record, report))
     return planned
+
+
+def replanned(plan: PlannedJob, record: JobRecord) -> PlannedJob:
+    """The plan of a stored job that another worker moved after it was planned: followed
+    from where it is now, never acted on twice (a retry it made is not made again)."""
+    if record.fingerprint != plan.fingerprint:
+        action = Action.CHANGED
+    else:
+        action = Action.UNCHANGED if record.state.terminal else Action.RESUME
+    return replace(plan, action=action, record=record)
 
 
 def _taken(record: JobRecord, spec: JobSpec) -> bool:

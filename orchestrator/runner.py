@@ -12,7 +12,7 @@ import random
 import signal
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -39,7 +39,13 @@ from orchestrator.sessions import open_session
 from orchestrator.settings import ClientSettings, EngineSettings
 from orchestrator.states import JobRecord
 from orchestrator.statuses import StatusMap, default_status_map
-from orchestrator.store import CheckpointStore, OwnerLock, SqliteStore
+from orchestrator.store import (
+    DEFAULT_LEASE_TTL,
+    CheckpointStore,
+    OwnerLock,
+    StateLocation,
+    open_store,
+)
 from orchestrator.upload import storage_client
 
 log = structlog.get_logger("engine")
@@ -173,7 +179,7 @@ class BatchResult:
 
 async def run_manifest(
     manifest_path: Path,
-    state_path: Path,
+    state: StateLocation,
     *,
     until: str,
     retry_failed: bool,
@@ -182,8 +188,10 @@ async def run_manifest(
     redactor: Redactor,
     live: bool,
     notify: Notifications | None = None,
+    lease_ttl: float = DEFAULT_LEASE_TTL,
 ) -> BatchResult:
-    """``orchestrator run``: plan every job against the state file, then drive them.
+    """``orchestrator run``: plan every job against the store, then drive them (with a
+    shared store, the jobs no other worker drives, following the others to their end).
     Bad input (manifest, datasets, URL, key) raises ``InputError`` before anything is
     stored or sent."""
     notify = notify or Notifications()
@@ -197,13 +205,21 @@ async def run_manifest(
     for report in reports.values():
         for warning in report.warnings[:5]:
             structlog.get_logger("datasets").warning("dataset warning", warning=warning)
-    lock = OwnerLock(state_path)
-    lock.acquire()
+    redactor.add_secret(state.password())
+    owner = None if state.is_database else OwnerLock(state.path)
     planned: list[PlannedJob] = []  # every plan, as the engine takes it
-    store: SqliteStore | None = None
-    try:
-        if await anyio.Path(state_path).exists():
-            store = SqliteStore(state_path)  # a new one is created only after the preflight
+    async with AsyncExitStack() as stack:
+        if owner is not None:
+            owner.acquire()  # one run or daemon per SQLite file
+            stack.callback(owner.release)
+
+        async def opened() -> CheckpointStore:
+            return await stack.enter_async_context(
+                open_store(state, owner=owner, lease_ttl=lease_ttl)
+            )
+
+        # A new state file is created only after the preflight.
+        store = await opened() if await anyio.to_thread.run_sync(state.exists) else None
         chunks = plan_in_chunks(
             manifest.jobs,
             reports,
@@ -228,7 +244,7 @@ async def run_manifest(
                 planned.extend(chunk)
                 yield chunk
 
-        store = store or SqliteStore(state_path)
+        store = store or await opened()
         started = time.time()
         try:
             async with (
@@ -255,10 +271,6 @@ async def run_manifest(
                 delivery.cancel_scope.cancel()
         except* StoreError as failed:  # mid-run: what was committed stays committed
             summary = RunSummary(broken=str(failed.exceptions[0]))
-    finally:
-        if store is not None:
-            store.close()
-        lock.release()
     return BatchResult(summary, planned)
 
 
@@ -328,7 +340,7 @@ class CancelOutcome:
 
 
 async def cancel_jobs(
-    state_path: Path,
+    state: StateLocation,
     names: Sequence[str],
     *,
     cancel_all: bool,
@@ -337,15 +349,16 @@ async def cancel_jobs(
     redactor: Redactor,
     wait: float,
 ) -> list[CancelOutcome]:
-    """``orchestrator cancel``: the request goes into the store (the control plane).
-    A running engine's drivers apply it; with none, this process drives the cancels
-    itself, through the same lifecycle step."""
-    store = SqliteStore(state_path)
-    try:
+    """``orchestrator cancel``: the request goes into the store (the control plane), where
+    each job's driver, in whichever process, applies it. The jobs nobody drives (no
+    engine runs, or their worker went quiet) this process claims and cancels itself,
+    through the same lifecycle step."""
+    redactor.add_secret(state.password())
+    async with open_store(state) as store:
         records = await store.load(None if cancel_all else names)
         for name in names:
             if name not in records:
-                raise InputError(f"no such job in {state_path}: {name}")
+                raise InputError(f"no such job in {state}: {name}")
         outcomes = [
             CancelOutcome(r.name, r.state.value, f"already {r.state.value}; nothing to cancel")
             for r in sorted(records.values(), key=lambda r: r.name)
@@ -356,45 +369,38 @@ async def cancel_jobs(
         )
         if not targets:
             return outcomes
-        lock = OwnerLock(state_path)
-        engine_running = lock.held_by_other()
-        groups = {} if engine_running else _cancel_gateways(targets, manifest_path, redactor)
+        claimed = await store.claim([r.name for r in targets])
+        ours = [claimed[r.name] for r in targets if r.name in claimed]
+        groups = _cancel_gateways(ours, manifest_path, redactor) if ours else {}
         await store.request_cancel(r.name for r in targets)
-        if engine_running:
-            await _wait_for_end(store, [r.name for r in targets], wait)
-            note = "requested; the running engine applies it"
-        else:
-            lock.acquire()
-            try:
-                with anyio.move_on_after(wait):
-                    for (gateway, statuses), records_there in groups.items():
-                        await _drive_cancels(
-                            gateway, statuses, records_there, store, settings, redactor
-                        )
-            finally:
-                lock.release()
-            note = "requested; not confirmed yet (the next run applies it)"
+        with anyio.move_on_after(wait):
+            for (gateway, statuses), records_there in groups.items():
+                await _drive_cancels(gateway, statuses, records_there, store, settings, redactor)
+            await _wait_for_end(store, [r.name for r in targets if r.name not in claimed])
         final = await store.load([r.name for r in targets])
         for record in sorted(final.values(), key=lambda r: r.name):
-            state = record.state.value
+            state_now = record.state.value
             lost = next((r for r in targets if r.name == record.name), record)
             if not record.state.terminal:
-                message = f"{state} ({note})"
+                note = (
+                    "not confirmed yet (the next run applies it)"
+                    if record.name in claimed
+                    else "the running engine applies it"
+                )
+                message = f"{state_now} (requested; {note})"
             elif lost.intent == CREATE_FINETUNE and not lost.finetune_id and not record.finetune_id:
                 message = (
-                    f"{state} (its create's answer was lost: a finetune may exist on the "
+                    f"{state_now} (its create's answer was lost: a finetune may exist on the "
                     "gateway; a run of its manifest would find it)"
                 )
-            elif record.state.value == "failed":
+            elif state_now == "failed":
                 message = f"failed before the cancel: {record.error}"
-            elif record.state.value == "succeeded":
+            elif state_now == "succeeded":
                 message = f"succeeded before the cancel ({record.fine_tuned_model})"
             else:
-                message = state
-            outcomes.append(CancelOutcome(record.name, state, message))
+                message = state_now
+            outcomes.append(CancelOutcome(record.name, state_now, message))
         return outcomes
-    finally:
-        store.close()
 
 
 def _cancel_gateways(
@@ -473,10 +479,9 @@ async def _drive_cancels(
         await engine.start(tg, runs)
 
 
-async def _wait_for_end(store: CheckpointStore, names: list[str], wait: float) -> None:
-    with anyio.move_on_after(wait):
-        while True:
-            fresh = await store.load(names)
-            if all(r.state.terminal for r in fresh.values()):
-                return
-            await anyio.sleep(0.2)
+async def _wait_for_end(store: CheckpointStore, names: list[str]) -> None:
+    while names:
+        fresh = await store.load(names)
+        if all(r.state.terminal for r in fresh.values()):
+            return
+        await anyio.sleep(0.2)

@@ -65,11 +65,11 @@ class Selection:
         }
         return all(values[key] == value for key, value in self.where)
 
-    def pick(self, records: Iterable[JobRecord], state_path: Path) -> list[JobRecord]:
+    def pick(self, records: Iterable[JobRecord], where: object) -> list[JobRecord]:
         """The matching records by name; a plain name with no job is an InputError."""
         chosen = sorted((r for r in records if self.matches(r)), key=lambda r: r.name)
         known = {r.name for r in chosen}
         missing = [n for n in self.exact_names if n not in known]
         if missing and not self.where and self.manifest is None:
-            raise InputError(f"no such job in {state_path}: {', '.join(missing)}")
+            raise InputError(f"no such job in {where}: {', '.join(missing)}")
         return chosen

@@ -125,6 +125,7 @@ class CheckpointStore(Protocol):
 
     shared: bool
     lease_ttl: float
+    schema: tuple[int, int]  # the schema version found on opening, and the version now
 
     async def load(self, names: Iterable[str] | None = None) -> dict[str, JobRecord]: ...
 
@@ -177,9 +178,10 @@ class CheckpointStore(Protocol):
         """Events due now, each handed to one caller for a while: several processes may
         deliver from one outbox."""
 
-    async def claim(self, names: Sequence[str]) -> dict[str, JobRecord]:
-        """Take the leases of those of these jobs that no live process drives; their
-        records as they are now. With one owner: every one of them, or none."""
+    async def claim(self, names: Sequence[str], limit: int | None = None) -> dict[str, JobRecord]:
+        """Take the leases of (at most ``limit`` of) these jobs that no live process
+        drives; their records as they are now. A job's first save records it free. With
+        one owner: every one of them, or none."""
 
     async def renew(self) -> set[str]:
         """Extend every lease held here; the names of those lost meanwhile."""
@@ -431,6 +433,7 @@ class SqliteStore:
         try:
             row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
             version = int(row[0])
+            self.schema = (version, SCHEMA_VERSION)
             if version > SCHEMA_VERSION:
                 raise StoreError(
                     f"{self.path}: state schema version {version} is newer than this "
@@ -680,7 +683,7 @@ class SqliteStore:
 
     lease_ttl = math.inf
 
-    async def claim(self, names: Sequence[str]) -> dict[str, JobRecord]:
+    async def claim(self, names: Sequence[str], limit: int | None = None) -> dict[str, JobRecord]:
         if not self.owner.held:
             try:
                 self.owner.acquire()
@@ -709,6 +712,7 @@ class MemoryStore:
 
     shared = False
     lease_ttl = math.inf
+    schema = (SCHEMA_VERSION, SCHEMA_VERSION)
 
     def __init__(self) -> None:
         self.jobs: dict[str, JobRecord] = {}
@@ -798,7 +802,7 @@ class MemoryStore:
     async def healthy(self) -> bool:
         return True
 
-    async def claim(self, names: Sequence[str]) -> dict[str, JobRecord]:
+    async def claim(self, names: Sequence[str], limit: int | None = None) -> dict[str, JobRecord]:
         return await self.load(names)
 
     async def renew(self) -> set[str]:

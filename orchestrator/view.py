@@ -16,6 +16,7 @@ from orchestrator.statuses import UNKNOWN_STATUS_NOTICE, Phase, suggestion
 
 if TYPE_CHECKING:
     from orchestrator.engine import Engine
+    from orchestrator.store import Lease
 
 
 def human_size(n: float) -> str:
@@ -40,6 +41,16 @@ def _duration(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def lease_text(lease: Lease | None) -> str | None:
+    """Who drives a job of a shared store: ``host:pid:tag (2m05s)``, or that its worker
+    went quiet and the job waits for another to take it over."""
+    if lease is None:
+        return None
+    if lease.expires_in < 0:
+        return f"{lease.worker} (expired {_duration(-lease.expires_in)} ago)"
+    return f"{lease.worker} ({_duration(lease.age)})"
 
 
 def unknown_status_note(record: JobRecord, now: float | None = None) -> str | None:

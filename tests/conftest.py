@@ -57,6 +57,9 @@ def postgres_url(postgres_server: str) -> Iterator[str]:
     schema = f"test_{uuid.uuid4().hex[:12]}"
     sep = "&" if "?" in postgres_server else "?"
     yield f"{postgres_server}{sep}schema={schema}"
+    if os.environ.get("ORCHESTRATOR_TEST_KEEP_SCHEMA"):  # to look into a failure
+        print(f"kept schema {schema}")
+        return
 
     async def drop() -> None:
         conn = await asyncpg.connect(postgres_server)

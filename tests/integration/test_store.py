@@ -41,14 +41,18 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         yield opened
 
 
-async def create(store: CheckpointStore, record: JobRecord) -> None:
-    """A job's first save is its creation (in a shared store, also its claim)."""
+async def create(store: CheckpointStore, record: JobRecord, *, claim: bool = True) -> None:
+    """A job's first save is its creation; a shared store records it free, and a worker
+    claims it before it writes it again."""
     await store.save(record, Transition(record.name, None, record.state, 0.0))
+    if claim:
+        await store.claim([record.name])
 
 
 async def test_records_round_trip_with_history(store: CheckpointStore) -> None:
     record = JobRecord(name="a", fingerprint="f1", abandoned_datasets=("ds_1",))
     await store.save(record, Transition("a", None, State.PENDING, 1.0))
+    await store.claim(["a"])
     moved = record.evolve(state=State.DATASET_CREATED, dataset_id="ds_2", intent="create_dataset")
     await store.save(moved, Transition("a", State.PENDING, State.DATASET_CREATED, 2.0, "x"))
     await store.save(moved.evolve(poll_attempt=3))  # no transition: history unchanged
@@ -56,6 +60,7 @@ async def test_records_round_trip_with_history(store: CheckpointStore) -> None:
     assert loaded.state is State.DATASET_CREATED and loaded.dataset_id == "ds_2"
     assert loaded.abandoned_datasets == ("ds_1",) and loaded.poll_attempt == 3
     assert [t.new for t in await store.history("a")] == [State.PENDING, State.DATASET_CREATED]
+    assert [t.at for t in await store.history("a")] == [1.0, 2.0]
     assert await store.load(["missing"]) == {}
 
 
@@ -209,9 +214,12 @@ async def test_one_worker_at_a_time_drives_a_job(postgres_url: str) -> None:
         open_store(location, lease_ttl=0.5) as b,
     ):
         record = JobRecord(name="j", fingerprint="f")
-        await create(a, record)  # the creator holds the lease
+        await create(a, record, claim=False)  # recorded free
         with pytest.raises(LeaseLost):
-            await create(b, record)  # a second create of the same job is refused
+            await create(b, record, claim=False)  # a second create of the same job is refused
+        with pytest.raises(LeaseLost):
+            await a.save(record.evolve(poll_attempt=1))  # not claimed: not a's to write
+        assert set(await a.claim(["j"])) == {"j"}
         assert await b.claim(["j"]) == {}
         leases = await b.leases()
         assert leases["j"].expires_in > 0
@@ -238,8 +246,10 @@ async def test_renew_reports_leases_taken_over(postgres_url: str) -> None:
         open_store(location, lease_ttl=0.3) as a,
         open_store(location, lease_ttl=30) as b,
     ):
-        await create(a, JobRecord(name="x", fingerprint="f"))
-        await create(a, JobRecord(name="y", fingerprint="f"))
+        await create(a, JobRecord(name="x", fingerprint="f"), claim=False)
+        await create(a, JobRecord(name="y", fingerprint="f"), claim=False)
+        assert set(await a.claim(["x", "y", "z"], limit=1)) == {"x"}  # at most limit
+        assert set(await a.claim(["x", "y"])) == {"y"}
         assert await a.renew() == set()
         await anyio.sleep(0.5)
         assert set(await b.claim(["x", "y"])) == {"x", "y"}
