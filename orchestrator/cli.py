@@ -528,7 +528,12 @@ def status(
     records = _selected(state, patterns, where, manifest_filter)
     redact = _redactor().text
     if as_json:
-        click.echo(redact(json.dumps([r.public() for r in records], indent=2)))
+        leases = _run_async(lambda: _undelivered_and_leases(state))[1] if state.is_database else {}
+        shown = [
+            {**r.public(), **(lease.public() if (lease := leases.get(r.name)) else {})}
+            for r in records
+        ]
+        click.echo(redact(json.dumps(shown, indent=2)))
         return
     if watch:
         _watch_status(state, patterns, where, manifest_filter)

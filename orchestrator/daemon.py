@@ -381,8 +381,11 @@ class Daemon:
         return self._json({"record": record.public(), "history": history, "upload": upload})
 
     async def _jobs(self, request: web.Request) -> web.Response:
-        records = await self.store.load()
-        out: list[dict[str, Any]] = [records[n].public() for n in sorted(records)]
+        records, leases = await self.store.load(), await self.store.leases()
+        out: list[dict[str, Any]] = [
+            {**records[n].public(), **(leases[n].public() if n in leases else {})}
+            for n in sorted(records)
+        ]
         for entry in self.manifests.values():
             if entry.error:
                 out.append(

@@ -167,12 +167,14 @@ class Engine:
         self._leases_trusted_until = 0.0 if lc.store.shared else math.inf
         self._renewing = anyio.Lock()
         self._claiming = anyio.Lock()
+        self._moved = anyio.Event()  # a followed job was refreshed, or a driver returned
 
     # ----------------------------------------------------------------- control
 
     def stop(self) -> None:
         """Take no new steps; in-flight calls finish, every run returns at its next check."""
         self.stopping = True
+        self._moved.set()
         for run in self.runs.values():
             run.wake.set()
 
@@ -274,6 +276,7 @@ class Engine:
             run.record = record
             if self._done(record.state) and not self.keep_finished:
                 self.runs.pop(name, None)
+        self._moved.set()
         if self._group is not None:
             await self._claim_free(self._group)
 
@@ -383,7 +386,8 @@ class Engine:
             return run.record.name in self._driving
 
         while not self.stopping and any(pending(run) for run in runs):
-            await anyio.sleep(0.2)
+            await self._moved.wait()
+            self._moved = anyio.Event()
         if self.stopping:
             await self.wait_idle()
 
@@ -574,6 +578,7 @@ class Engine:
             if not self.keep_finished and run.record.state.terminal:
                 self.runs.pop(name, None)
             self.active -= 1
+            self._moved.set()
             if not self._driving:
                 self._idle.set()
 

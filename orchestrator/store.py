@@ -113,6 +113,14 @@ class Lease:
     age: float
     expires_in: float  # negative once expired: any worker may take the job over
 
+    def public(self) -> dict[str, Any]:
+        """For ``status --json`` and ``/jobs``, beside the job's own fields."""
+        return {
+            "worker": self.worker,
+            "lease_age_s": round(self.age, 1),
+            "lease_expires_in_s": round(self.expires_in, 1),
+        }
+
 
 class CheckpointStore(Protocol):
     """The checkpoints of every job, and who may drive which.
