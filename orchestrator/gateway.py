@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import anyio
 import orjson
@@ -32,7 +33,7 @@ from orchestrator.errors import (
     retryable_status,
 )
 from orchestrator.retry import call_with_retries, parse_retry_after
-from orchestrator.sessions import NoAnswer, Reply, open_session
+from orchestrator.sessions import Body, NoAnswer, Reply, open_session
 from orchestrator.settings import ClientSettings
 
 API_KEY_HEADER = "x-portkey-api-key"
@@ -199,8 +200,11 @@ class GatewayClient:
         *,
         observer: CallObserver | None = None,
         rng: random.Random | None = None,
+        auth: str = "portkey",
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings or ClientSettings()
+        self.auth = auth
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
         self._observer = observer
@@ -212,7 +216,13 @@ class GatewayClient:
         )
         # Waiting for a slot here has no deadline; waiting in a pool would time out.
         self._slots = anyio.Semaphore(self.settings.max_connections, fast_acquire=True)
-        self._http = open_session(self.settings, self.base_url, {API_KEY_HEADER: api_key})
+        # The key as the deployment takes it; a manifest's extra headers ride along.
+        key = (
+            {API_KEY_HEADER: api_key}
+            if auth == "portkey"
+            else {"Authorization": f"Bearer {api_key}"}
+        )
+        self._http = open_session(self.settings, self.base_url, {**(headers or {}), **key})
 
     @property
     def identity(self) -> str:
@@ -336,11 +346,17 @@ class GatewayClient:
         object_id: str | None = None,
         *,
         json: dict[str, Any] | None = None,
+        body: Body = None,
+        headers: Mapping[str, str] | None = None,
+        query: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
     ) -> Any:
         path = endpoint.path.format(id=_path_segment(object_id)) if object_id else endpoint.path
-        headers = {IDEMPOTENCY_HEADER: idempotency_key} if idempotency_key else {}
-        body = None
+        if query:
+            path += "?" + urlencode(query)
+        headers = dict(headers or {})
+        if idempotency_key:
+            headers[IDEMPOTENCY_HEADER] = idempotency_key
         if json is not None:
             body = orjson.dumps(json)
             headers["Content-Type"] = "application/json"
@@ -361,7 +377,7 @@ class GatewayClient:
         self,
         endpoint: Endpoint,
         path: str,
-        body: bytes | None,
+        body: Body,
         headers: dict[str, str],
         held_id: bool = False,
     ) -> Any:
@@ -392,9 +408,10 @@ class GatewayClient:
         statement that the object is gone."""
         status = reply.status
         payload = _json(reply.body)
-        if status < 400 and isinstance(payload, dict) and payload.get("success") is not False:
-            data = payload.get("data")
-            return {} if data is None else data  # nearly every answer: no message to build
+        if status < 400:
+            data = self._data(endpoint, reply, payload)
+            if data is not None:
+                return data  # nearly every answer: no message to build
         message = self._server_message(payload) or (
             reply.body[:200].decode(errors="replace").strip() or reply.reason
         )
@@ -412,6 +429,13 @@ class GatewayClient:
                 retry_after=parse_retry_after(reply.headers.get("Retry-After")),
             )
         raise permanent_for_status(status)(endpoint.name, message, status)
+
+    def _data(self, endpoint: Endpoint, reply: Reply, payload: Any) -> Any:
+        """A 2xx answer's data; None when it cannot be read (no envelope, success false)."""
+        if isinstance(payload, dict) and payload.get("success") is not False:
+            data = payload.get("data")
+            return {} if data is None else data
+        return None
 
     @staticmethod
     def _server_message(payload: Any) -> str | None:

@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 import yarl
@@ -110,17 +110,54 @@ class Hyperparameters(BaseModel):
     learning_rate_multiplier: PositiveNumber | None = None
 
 
+API = Literal["finetune", "fine_tuning"]  # the gateway's finetune flow, or OpenAI's shape
+# Metadata keys the orchestrator tags each fine_tuning job with (``fine_tuning.TAGS``).
+RESERVED_METADATA = "orchestrator_"
+
+
+def _metadata(value: Any) -> dict[str, str]:
+    """OpenAI's limits: at most 16 pairs (3 are ours), keys to 64 characters, values to 512."""
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise ValueError("must map strings to strings")
+    if len(value) > 13:
+        raise ValueError("at most 13 pairs (the orchestrator adds 3 of its own)")
+    for key, text in value.items():
+        if not key or len(key) > 64 or len(text) > 512:
+            raise ValueError(f"{key!r}: keys are 1-64 characters, values at most 512")
+        if key.startswith(RESERVED_METADATA):
+            raise ValueError(f"{key!r}: keys starting {RESERVED_METADATA!r} are the orchestrator's")
+    return value
+
+
+def _headers(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and re.match(r"^[A-Za-z0-9-]+$", k) and isinstance(v, str)
+        for k, v in value.items()
+    ):
+        raise ValueError("must map header names (letters, digits, '-') to strings")
+    return value
+
+
 class GatewaySection(_Strict):
     base_url: Annotated[str, BeforeValidator(gateway_url)] | None = None
     api_key: Text | None = None
+    api: API | None = None  # every job's, unless a job or the defaults say otherwise
+    auth: Literal["portkey", "bearer"] = "portkey"
+    headers: Annotated[dict[str, str], BeforeValidator(_headers)] | None = None
 
 
 class JobFields(_Strict):
+    api: API | None = None
     provider: Text | None = None
     model: Text | None = None
     virtual_key: Text | None = None
     hyperparameters: Hyperparameters | None = None
-    override_model: Text | None = None
+    override_model: Text | None = None  # finetune only
+    suffix: Text | None = None  # fine_tuning only, and the three below
+    seed: PositiveInt | None = None
+    metadata: Annotated[dict[str, str], BeforeValidator(_metadata)] | None = None
 
 
 class JobSection(JobFields):
@@ -155,6 +192,10 @@ class JobSpec:
     line: int = 0
     manifest: str = ""  # the manifest file it came from
     notify: tuple[str, ...] = ()  # URLs told when the job ends (not part of its spec)
+    api: str = "finetune"  # the dialect: "finetune" or "fine_tuning"
+    suffix: str | None = None
+    seed: int | None = None
+    metadata: dict[str, str] | None = None
 
     @property
     def dataset_name(self) -> str:
@@ -166,7 +207,7 @@ class JobSpec:
 
     def fingerprint(self, content_sha256: str | None) -> str:
         """What was applied: an edited spec or dataset changes it."""
-        canonical = {
+        canonical: dict[str, Any] = {
             "name": self.name,
             "provider": self.provider,
             "model": self.model,
@@ -177,6 +218,9 @@ class JobSpec:
             "dataset_name": self.dataset_name,
             "content_sha256": content_sha256,
         }
+        if self.api != "finetune":  # so that a finetune job's fingerprint stays as it was
+            canonical.update(api=self.api, suffix=self.suffix, seed=self.seed)
+            canonical["metadata"] = self.metadata
         blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -189,6 +233,8 @@ class Manifest:
     statuses: StatusMap
     jobs: tuple[JobSpec, ...]
     lines: Mapping[Path_, int] = field(default_factory=dict, repr=False)
+    auth: str = "portkey"  # how the key is sent: x-portkey-api-key, or Authorization: Bearer
+    headers: tuple[tuple[str, str], ...] = ()  # sent with every gateway call; secrets
 
 
 # ---------------------------------------------------------------- the loading
@@ -331,6 +377,8 @@ def _message(error: Mapping[str, Any]) -> str:
     kind = error["type"]
     if kind == "value_error":
         return str(error["msg"]).removeprefix("Value error, ")
+    if kind == "literal_error":
+        return str(error["msg"]).replace("Input should be", "must be")
     if kind == "enum":
         allowed = ", ".join(p.value for p in Phase)
         return f"is not a known phase (one of: {allowed})"
@@ -378,13 +426,25 @@ def _validate(
             raise fail((*at, "name"), f"duplicate job name (first used by jobs[{seen[job.name]}])")
         seen[job.name] = i
         merged: dict[str, Any] = {}
-        for key in ("provider", "model", "virtual_key", "override_model"):
+        for key in JobFields.model_fields:
             merged[key] = getattr(job, key) or getattr(defaults, key)
-        for key in ("provider", "model", "virtual_key"):
+        api = merged["api"] or gateway.api or "finetune"
+        # A virtual key routes a finetune-flow job; the fine_tuning flow may route by
+        # provider alone (or go straight to an OpenAI-compatible endpoint).
+        required = (
+            ("provider", "model", "virtual_key") if api == "finetune" else ("provider", "model")
+        )
+        for key in required:
             if not merged[key]:
                 raise fail((*at, key), "required (in the job or in defaults)", lines.get(at))
+        for key in _ONLY_FOR[_OTHER[api]]:
+            if merged[key] is not None:
+                where = (*at, key) if getattr(job, key) is not None else ("defaults", key)
+                raise fail(where, f"only for api: {_OTHER[api]} (this job's api is {api})")
         if (job.dataset is None) == (job.s3_key is None):
             raise fail(at, "needs exactly one of 'dataset' (a local file) or 's3_key'")
+        if api == "fine_tuning" and job.s3_key is not None:
+            raise fail((*at, "s3_key"), "api: fine_tuning uploads a local file: use 'dataset'")
         dataset_path = None
         if job.dataset is not None:
             # Relative to the manifest's folder; kept as the user would write it in messages.
@@ -402,7 +462,7 @@ def _validate(
                 name=job.name,
                 provider=merged["provider"],
                 model=merged["model"],
-                virtual_key=merged["virtual_key"],
+                virtual_key=merged["virtual_key"] or "",
                 hyperparameters=hyper,
                 override_model=merged["override_model"],
                 dataset_path=dataset_path,
@@ -410,6 +470,10 @@ def _validate(
                 line=lines.get(at, 0),
                 manifest=os.path.abspath(path),
                 notify=tuple(section.notify or ()),
+                api=api,
+                suffix=merged["suffix"],
+                seed=merged["seed"],
+                metadata=merged["metadata"],
             )
         )
     statuses = default_status_map()
@@ -422,4 +486,11 @@ def _validate(
         statuses=statuses,
         jobs=tuple(jobs),
         lines=lines,
+        auth=gateway.auth,
+        headers=tuple(sorted((gateway.headers or {}).items())),
     )
+
+
+# The fields each dialect alone takes; the other dialect refuses them.
+_ONLY_FOR = {"finetune": ("override_model",), "fine_tuning": ("suffix", "seed", "metadata")}
+_OTHER = {"finetune": "fine_tuning", "fine_tuning": "finetune"}

@@ -108,8 +108,8 @@ class FineTuningClient(GatewayClient):
         """``POST /v1/files``, the file streamed in a multipart body of exact length."""
         boundary = f"orchestrator-{os.urandom(12).hex()}"
         head = (
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n"
-            f"fine-tune\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'
+            f'fine-tune\r\n--{boundary}\r\nContent-Disposition: form-data; name="file"; '
             f'filename="{filename}"\r\nContent-Type: application/jsonl\r\n\r\n'
         ).encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
@@ -138,9 +138,7 @@ class FineTuningClient(GatewayClient):
 
     # ------------------------------------------------------------------ uploads
 
-    async def create_upload(
-        self, filename: str, size: int, route: Route | None
-    ) -> Upload:
+    async def create_upload(self, filename: str, size: int, route: Route | None) -> Upload:
         body = {"filename": filename, "purpose": "fine-tune", "bytes": size,
                 "mime_type": "application/jsonl"}  # fmt: skip
         data = await self._call(CREATE_UPLOAD, json=body, headers=self.route_headers(route))
@@ -151,7 +149,7 @@ class FineTuningClient(GatewayClient):
     ) -> UploadPart:
         boundary = f"orchestrator-{os.urandom(12).hex()}"
         head = (
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"data\"; "
+            f'--{boundary}\r\nContent-Disposition: form-data; name="data"; '
             f'filename="part"\r\nContent-Type: application/octet-stream\r\n\r\n'
         ).encode()
         tail = f"\r\n--{boundary}--\r\n".encode()
