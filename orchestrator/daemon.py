@@ -223,6 +223,8 @@ class Daemon:
         gateway = gateway_of(manifest)
         if self.redactor is not None:
             self.redactor.add_secret(manifest.api_key)
+            for _, value in manifest.headers:
+                self.redactor.add_secret(value)
         engine = await self._engine_for(manifest, gateway)
         entry.error, entry.gateway = None, gateway
         entry.jobs = tuple(job.name for job in manifest.jobs)
@@ -260,6 +262,7 @@ class Daemon:
                 self.store,
                 self.settings,
                 self.metrics,
+                apis=[job.api for job in manifest.jobs],
                 keep_finished=False,
                 redactor=self.redactor,
             ) as engine,

@@ -21,7 +21,7 @@ import itertools
 import math
 import time
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,7 +30,7 @@ import anyio.abc
 import anyio.lowlevel
 import structlog
 
-from orchestrator import lifecycle
+from orchestrator import fine_tuning, lifecycle
 from orchestrator.errors import (
     AuthError,
     GatewayError,
@@ -54,6 +54,29 @@ STEP_RETRY = RetryPolicy(initial=1.0, coefficient=2.0, maximum=60.0)
 # it has passed since the last renewal was sent (a pause, a slow database) until the
 # next renewal says the lease is still held.
 LEASE_TRUSTED = 0.8
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How a job of one API dialect moves: a step per state (the transition table is
+    ``states.TRANSITIONS_BY_API``), the states that wait for a poll, its cancel, and
+    its upload (which queues for upload slots instead of a step slot)."""
+
+    steps: Mapping[State, lifecycle.Step]
+    polling: frozenset[State]
+    cancel: lifecycle.Step
+    upload: lifecycle.Step
+
+
+DIALECTS = {
+    "finetune": Dialect(
+        lifecycle.STEPS, lifecycle.POLLING_STATES, lifecycle.cancel_job, lifecycle.prepare_dataset
+    ),
+    "fine_tuning": Dialect(
+        fine_tuning.STEPS, fine_tuning.POLLING_STATES, fine_tuning.cancel, fine_tuning.upload_file
+    ),
+}
+
 # Plans that rewrite a stored job: with a shared store they claim it before applying.
 REWRITES = (Action.RETRY, Action.REPLACE, Action.INVALID)
 
@@ -496,6 +519,7 @@ class Engine:
                 base_url=self.lc.client.identity,
                 provider=spec.provider,
                 model=spec.model,
+                api=spec.api,
                 content_sha256=plan.report.sha256 if plan.report else None,
                 **changes,
             )
@@ -537,7 +561,7 @@ class Engine:
             detail = plan.action.value
         old_state = old.state if old is not None else None
         if old_state is not None:
-            check_transition(old_state, record.state)
+            check_transition(old_state, record.state, record.api)
         await store.save(
             record,
             Transition(spec.name, old_state, record.state, record.updated_at, detail),
@@ -549,7 +573,7 @@ class Engine:
         """Cancel a job in flight before its record is replaced; None when the gateway
         could not be told (the job is then left as it is, to be replaced later)."""
         try:
-            await lifecycle.cancel_job(self.lc, run)
+            await DIALECTS[run.record.api].cancel(self.lc, run)
         except GatewayError as exc:
             log.error(
                 "could not cancel the job being replaced; left as it is",
@@ -595,14 +619,15 @@ class Engine:
     async def _drive(self, run: JobRun) -> None:
         failures, failing_since, failing_step = 0, 0.0, None
         while not self._done(run.record.state) and not self.stopping and not run.lease_lost:
-            step: lifecycle.Step | None = lifecycle.cancel_job if run.cancel_requested else None
+            dialect = DIALECTS[run.record.api]
+            step: lifecycle.Step | None = dialect.cancel if run.cancel_requested else None
             if step is None:
                 state = run.record.state
-                if state in lifecycle.POLLING_STATES and not await self._wait_for_poll(run):
+                if state in dialect.polling and not await self._wait_for_poll(run):
                     continue
-                step = lifecycle.STEPS[state]
+                step = dialect.steps[state]
             error = await self._guarded(run, step)
-            if step is lifecycle.cancel_job and run.record.state.terminal:
+            if step is dialect.cancel and run.record.state.terminal:
                 await self._clear_cancel(run)
                 return
             if error is None:
@@ -614,7 +639,7 @@ class Engine:
             failing_since = failing_since if failures > 1 else time.monotonic()
             deadline = self._step_deadline(run, step)
             if time.monotonic() - failing_since > deadline:
-                if step is lifecycle.cancel_job:  # the user's word stands; the note says why
+                if step is dialect.cancel:  # the user's word stands; the note says why
                     await self._end_unconfirmed(
                         run, f"cancel not confirmed in {deadline:g}s: {error}"
                     )
@@ -646,12 +671,13 @@ class Engine:
         """Run a step; a permanent problem fails the job, a transient one is returned.
         Never raises (but for cancellation): one job's trouble is not the batch's."""
         try:
-            if step is lifecycle.prepare_dataset and run.spec.dataset_path is not None:
+            dialect = DIALECTS[run.record.api]
+            if step is dialect.upload and run.spec.dataset_path is not None:
                 if await self._lease_held(run):
                     await step(self.lc, run)  # bounded by its upload slots instead
             else:
                 async with self.step_slots:
-                    if run.cancel_requested and step is not lifecycle.cancel_job:
+                    if run.cancel_requested and step is not dialect.cancel:
                         return None  # asked while it waited for a slot: cancel first
                     if await self._lease_held(run):
                         await step(self.lc, run)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import anyio
@@ -231,7 +231,7 @@ class GatewayClient:
         host = parts.netloc.rpartition("@")[2]
         return urlunsplit(parts._replace(netloc=host))
 
-    async def __aenter__(self) -> GatewayClient:
+    async def __aenter__(self) -> Self:
         return self
 
     async def __aexit__(

@@ -48,6 +48,7 @@ from orchestrator.gateway import Finetune, GatewayClient
 from orchestrator.manifest import JobSpec
 from orchestrator.metrics import Metrics
 from orchestrator.notify import events_for
+from orchestrator.openai_api import FineTuningClient, FineTuningJob, Route
 from orchestrator.sessions import HttpSession
 from orchestrator.settings import EngineSettings
 from orchestrator.states import JobRecord, State, Transition, check_transition
@@ -191,6 +192,7 @@ class Lifecycle:
     small_upload_slots: anyio.Semaphore
     rng: random.Random = field(default_factory=random.Random)
     clock: PhaseClock = field(default_factory=PhaseClock)
+    jobs: FineTuningClient | None = None  # the OpenAI-compatible dialect's client
     # Told when an estimate drops, so jobs sleeping in that state can poll sooner.
     on_estimate: Callable[[State], None] = lambda state: None
     # Applied to every text stored (errors, details): the log redactor's ``text``.
@@ -210,7 +212,7 @@ class Lifecycle:
         """Move ``run`` to ``new`` once that is durable; ``shares`` is a dataset the job
         has made reusable by later jobs, saved in the same commit."""
         old = run.record.state
-        check_transition(old, new)
+        check_transition(old, new, run.record.api)
         if changes.get("error"):
             changes["error"] = self.redact(changes["error"])
         if detail:
@@ -594,20 +596,32 @@ async def cancel_job(lc: Lifecycle, run: JobRun) -> None:
 
 @dataclass(frozen=True)
 class Observation:
-    """The finetune as the gateway stated it, and the phase its status maps to (None:
-    a status we do not know, which is no verdict)."""
+    """The finetune (or fine_tuning job) as the gateway stated it, and the phase its
+    status maps to (None: a status we do not know, which is no verdict)."""
 
-    finetune: Finetune
+    finetune: Finetune | FineTuningJob
     phase: Phase | None
+
+    @property
+    def fine_tuned_model(self) -> str | None:
+        found = self.finetune
+        return found.fine_tuned_model if isinstance(found, FineTuningJob) else found.slug
 
 
 async def _observe(lc: Lifecycle, run: JobRun) -> Observation:
     """GET the finetune. Raises ``RetryableError`` when the gateway's answer says
     nothing we can use: a 404 or other refusal for an id it gave us is no statement
     about the finetune either."""
-    assert run.record.finetune_id
+    record = run.record
+    assert record.finetune_id
+    found: Finetune | FineTuningJob
     try:
-        finetune = await lc.client.get_finetune(run.record.finetune_id)
+        if record.api == "fine_tuning":
+            assert lc.jobs is not None
+            route = Route(run.spec.provider, run.spec.virtual_key or None)
+            found = await lc.jobs.get_job(record.finetune_id, route)
+        else:
+            found = await lc.client.get_finetune(record.finetune_id)
     except (RetryableError, AuthError):
         raise
     except GatewayError as exc:
@@ -615,7 +629,7 @@ async def _observe(lc: Lifecycle, run: JobRun) -> Observation:
     finally:
         run.last_poll_at = time.time()
         lc.metrics.polled()
-    return Observation(finetune, lc.statuses.phase_of(finetune.status))
+    return Observation(found, lc.statuses.phase_of(found.status))
 
 
 async def _poll(lc: Lifecycle, run: JobRun) -> Observation | None:
@@ -693,7 +707,7 @@ async def _adopt(lc: Lifecycle, run: JobRun, seen: Observation, detail: str | No
             run,
             State.SUCCEEDED,
             detail,
-            fine_tuned_model=finetune.slug,
+            fine_tuned_model=seen.fine_tuned_model,
             usage=finetune.usage(),
             intent=None,
             next_poll_at=None,
@@ -721,8 +735,11 @@ async def _adopt(lc: Lifecycle, run: JobRun, seen: Observation, detail: str | No
             )
 
 
-async def _schedule_poll(lc: Lifecycle, run: JobRun, seen: Observation | None) -> None:
-    """The next poll of a validating or training job, or ``failed`` past its deadline."""
+async def _schedule_poll(
+    lc: Lifecycle, run: JobRun, seen: Observation | None, hint: float | None = None
+) -> None:
+    """The next poll of a validating or training job, or ``failed`` past its deadline.
+    ``hint``: when the gateway expects the job to finish (wall clock), if it says."""
     record = run.record
     training = record.state is State.TRAINING
     what = "training" if training else "validation"
@@ -753,6 +770,8 @@ async def _schedule_poll(lc: Lifecycle, run: JobRun, seen: Observation | None) -
         expected = lc.clock.expected_end(run)
         # Near the expected end: ask again soon rather than after a long backoff step.
         delay = expected - now if expected is not None else min(delay, max(0.05 * estimate, 0.2))
+    if seen is not None and hint is not None and hint > now:
+        delay = min(hint - now, poll.maximum)  # its own estimate beats ours
     delay = max(delay, poll.initial)  # never sooner than --poll-interval after the last
     await lc.persist(run, poll_attempt=attempt, next_poll_at=now + delay, **fields)
 

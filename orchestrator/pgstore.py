@@ -81,6 +81,8 @@ CREATE TABLE jobs (
     training_started_at DOUBLE PRECISION,
     created_at DOUBLE PRECISION NOT NULL,
     updated_at DOUBLE PRECISION NOT NULL,
+    api TEXT NOT NULL DEFAULT 'finetune',
+    last_event TEXT,
     lease_owner TEXT,
     lease_token BIGINT,
     lease_claimed_at DOUBLE PRECISION,

@@ -11,10 +11,11 @@ import os
 import random
 import signal
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import anyio
 import structlog
@@ -34,6 +35,7 @@ from orchestrator.logs import Redactor
 from orchestrator.manifest import JobSpec, Manifest, load_manifest
 from orchestrator.metrics import Metrics
 from orchestrator.notify import Notifier
+from orchestrator.openai_api import FineTuningClient
 from orchestrator.plan import PlannedJob, inspect_datasets, plan_in_chunks
 from orchestrator.sessions import open_session
 from orchestrator.settings import ClientSettings, EngineSettings
@@ -53,10 +55,24 @@ log = structlog.get_logger("engine")
 
 @dataclass(frozen=True)
 class Gateway:
-    """Where jobs are sent: a base URL and the key it takes."""
+    """Where jobs are sent: a base URL, the key it takes and how (``auth``), and the
+    headers every call carries besides."""
 
     base_url: str
     api_key: str
+    auth: str = "portkey"
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def client(self, settings: ClientSettings, **options: Any) -> GatewayClient:
+        """The finetune flow's client."""
+        return GatewayClient(self.base_url, self.api_key, settings, **self._auth(), **options)
+
+    def jobs_client(self, settings: ClientSettings, **options: Any) -> FineTuningClient:
+        """The OpenAI-compatible flow's client."""
+        return FineTuningClient(self.base_url, self.api_key, settings, **self._auth(), **options)
+
+    def _auth(self) -> dict[str, Any]:
+        return {"auth": self.auth, "headers": dict(self.headers)}
 
 
 def gateway_of(manifest: Manifest) -> Gateway:
@@ -69,7 +85,7 @@ def gateway_of(manifest: Manifest) -> Gateway:
         raise InputError(
             f"{manifest.path}: no API key: set gateway.api_key in the manifest or PORTKEY_API_KEY"
         )
-    return Gateway(manifest.base_url, manifest.api_key)
+    return Gateway(manifest.base_url, manifest.api_key, manifest.auth, manifest.headers)
 
 
 async def check_gateway(client: GatewayClient) -> None:
@@ -86,10 +102,13 @@ async def check_gateway(client: GatewayClient) -> None:
         raise InputError(f"gateway {where}: {exc.message}") from None
 
 
-async def preflight(gateway: Gateway, settings: EngineSettings) -> None:
-    """``check_gateway`` with a client of its own, before anything is opened or stored."""
-    async with GatewayClient(gateway.base_url, gateway.api_key, settings.client) as client:
-        await check_gateway(client)
+async def preflight(gateway: Gateway, settings: EngineSettings, apis: Iterable[str]) -> None:
+    """``check_gateway`` for each dialect used, with clients of their own, before anything
+    is opened or stored."""
+    for api in sorted(set(apis)):
+        make = gateway.jobs_client if api == "fine_tuning" else gateway.client
+        async with make(settings.client) as client:
+            await check_gateway(client)
 
 
 @asynccontextmanager
@@ -102,21 +121,24 @@ async def open_engine(
     *,
     until: str = "done",
     preflight: bool = True,
+    apis: Iterable[str] = ("finetune",),
     keep_finished: bool = True,
     redactor: Redactor | None = None,
     seed: int | None = None,
 ) -> AsyncIterator[Engine]:
+    """An engine for ``gateway``; ``preflight`` probes it first in each of ``apis``."""
     rng = random.Random(seed)
     async with (
-        GatewayClient(
-            gateway.base_url, gateway.api_key, settings.client, observer=metrics, rng=rng
-        ) as client,
+        gateway.client(settings.client, observer=metrics, rng=rng) as client,
+        gateway.jobs_client(settings.client, observer=metrics, rng=rng) as jobs,
         storage_client(settings.upload) as storage,
     ):
         if preflight:
-            await check_gateway(client)
+            for api in sorted(set(apis)):
+                await check_gateway(jobs if api == "fine_tuning" else client)
         lc = Lifecycle(
             client=client,
+            jobs=jobs,
             storage=storage,
             store=store,
             statuses=statuses,
@@ -197,6 +219,8 @@ async def run_manifest(
     notify = notify or Notifications()
     manifest = notify.apply(load_manifest(manifest_path))
     redactor.add_secret(manifest.api_key)
+    for _, value in manifest.headers:
+        redactor.add_secret(value)
     gateway = gateway_of(manifest)
     unknown = set(replace) - {j.name for j in manifest.jobs}
     if unknown:
@@ -233,7 +257,7 @@ async def run_manifest(
         async for chunk in chunks:
             ahead.append(chunk)
             if any(p.action.calls_gateway for p in chunk):
-                await preflight(gateway, settings)
+                await preflight(gateway, settings, (job.api for job in manifest.jobs))
                 break
 
         async def every_chunk() -> AsyncIterator[list[PlannedJob]]:
@@ -431,7 +455,10 @@ def _cancel_gateways(
                 "or pass --manifest"
             )
         statuses = manifest.statuses if manifest else default_status_map()
-        gateway = Gateway(base_url or record.base_url, api_key or "")
+        auth, headers = (manifest.auth, manifest.headers) if manifest else ("portkey", ())
+        for _, value in headers:
+            redactor.add_secret(value)
+        gateway = Gateway(base_url or record.base_url, api_key or "", auth, headers)
         spec = next((j for j in manifest.jobs if j.name == record.name), None) if manifest else None
         if spec is not None and spec.fingerprint(record.content_sha256) != record.fingerprint:
             spec = None  # edited since: its body is not the one the create was sent with

@@ -1,8 +1,17 @@
-"""A job's states, the table of allowed transitions, and the record the store keeps.
+"""A job's states, the table of allowed transitions per API dialect, and the record
+the store keeps.
+
+The gateway's finetune flow (``api: finetune``):
 
     pending -> dataset_created -> uploaded -> dataset_ready -> finetune_created
             -> dataset_attached -> validating -> validated -> training
             -> succeeded | failed | cancelled
+
+The OpenAI-compatible flow (``api: fine_tuning``), where a job validates its file and
+trains on its own once created:
+
+    pending -> dataset_ready (the file uploaded) -> finetune_created (the job created)
+            -> validating -> training -> succeeded | failed | cancelled
 
 ``s3_key`` jobs go from ``dataset_created`` straight to ``dataset_ready``; a job whose
 dataset content was already uploaded goes from ``pending`` straight to ``dataset_ready``.
@@ -76,13 +85,34 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 }
 
 
+_FINE_TUNING_OBSERVED = frozenset({State.VALIDATING, State.TRAINING, State.SUCCEEDED})
+_FINE_TUNING_FORWARD: dict[State, frozenset[State]] = {
+    State.PENDING: frozenset({State.DATASET_READY}),
+    # A job found by its tags after a lost answer may be anywhere along already.
+    State.DATASET_READY: frozenset({State.FINETUNE_CREATED}) | _FINE_TUNING_OBSERVED,
+    State.FINETUNE_CREATED: _FINE_TUNING_OBSERVED,
+    State.VALIDATING: frozenset({State.TRAINING, State.SUCCEEDED}),
+    State.TRAINING: frozenset({State.SUCCEEDED}),
+}
+
+TRANSITIONS_BY_API: dict[str, dict[State, frozenset[State]]] = {
+    "finetune": TRANSITIONS,
+    "fine_tuning": {
+        state: _FINE_TUNING_FORWARD.get(state, frozenset()) | {State.FAILED, State.CANCELLED}
+        if not state.terminal
+        else TRANSITIONS[state]
+        for state in State
+    },
+}
+
+
 class IllegalTransition(RuntimeError):
     pass
 
 
-def check_transition(old: State, new: State) -> None:
-    if new not in TRANSITIONS[old]:
-        raise IllegalTransition(f"{old} -> {new} is not an allowed transition")
+def check_transition(old: State, new: State, api: str = "finetune") -> None:
+    if new not in TRANSITIONS_BY_API[api][old]:
+        raise IllegalTransition(f"{old} -> {new} is not an allowed transition ({api})")
 
 
 @dataclass(frozen=True)
@@ -122,6 +152,8 @@ class JobRecord:
     training_started_at: float | None = None
     created_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
+    api: str = "finetune"  # the dialect whose transition table the job follows
+    last_event: str | None = None  # fine_tuning: the job's latest event message
 
     def evolve(self, **changes: Any) -> JobRecord:
         """A copy with ``changes`` and a fresh ``updated_at``."""

@@ -32,7 +32,7 @@ from orchestrator.errors import InputError, LeaseLost, StateLockedError, StoreEr
 from orchestrator.notify import OutboxEvent
 from orchestrator.states import JobRecord, State, Transition
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_LEASE_TTL = 30.0  # seconds a shared store's job stays with a worker that went quiet
 
 
@@ -273,7 +273,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     phase_adopted INTEGER NOT NULL DEFAULT 0,
     training_started_at REAL,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    api TEXT NOT NULL DEFAULT 'finetune',
+    last_event TEXT
 );
 CREATE TABLE IF NOT EXISTS transitions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -316,6 +318,10 @@ ALTER TABLE jobs ADD COLUMN provider TEXT NOT NULL DEFAULT '';
 ALTER TABLE jobs ADD COLUMN model TEXT NOT NULL DEFAULT '';
 ALTER TABLE jobs ADD COLUMN usage TEXT;
 ALTER TABLE jobs ADD COLUMN training_started_at REAL;
+""",
+    2: """
+ALTER TABLE jobs ADD COLUMN api TEXT NOT NULL DEFAULT 'finetune';
+ALTER TABLE jobs ADD COLUMN last_event TEXT;
 """,
 }
 

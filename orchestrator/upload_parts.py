@@ -1,0 +1,64 @@
+"""A file over ``/v1/files``' 512 MB limit, through the Uploads API: one upload, then
+64 MB parts, each streamed with an exact length and retried on its own, then the
+completion with the part ids in order and the file's MD5.
+
+A part that fails is sent again from its first byte; the hashes of the whole file go
+back to where that part began, so MD5 and SHA-256 are of exactly the bytes that made
+the file. A part whose answer was lost leaves an orphan part the completion does not
+name. An upload that fails as a whole is started afresh by the step's next attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import anyio
+
+from orchestrator.errors import RetryableError, UnreadableAnswer
+from orchestrator.lifecycle import JobRun, Lifecycle
+from orchestrator.openai_api import PART_BYTES, Route
+from orchestrator.retry import RetryPolicy
+from orchestrator.upload import FileBody
+
+PART_RETRY = RetryPolicy(initial=1.0, maximum=30.0, max_attempts=5)
+
+
+async def upload_in_parts(
+    lc: Lifecycle, run: JobRun, name: str, part_bytes: int = PART_BYTES
+) -> tuple[str, str]:
+    """(the file's id, SHA-256 of the bytes sent)."""
+    assert lc.jobs is not None and run.spec.dataset_path is not None and run.report is not None
+    jobs, size = lc.jobs, run.report.size
+    route = Route(run.spec.provider, run.spec.virtual_key or None)
+    upload = await jobs.create_upload(name, size, route)
+    progress = lc.metrics.upload_progress(run.record.name, size)
+    md5, sha256 = hashlib.md5(), hashlib.sha256()
+    part_ids: list[str] = []
+    handle = await anyio.to_thread.run_sync(run.spec.dataset_path.open, "rb")
+    try:
+        for offset in range(0, size, part_bytes):
+            length = min(part_bytes, size - offset)
+            for attempt in range(1, PART_RETRY.max_attempts + 1):
+                hashes = md5.copy(), sha256.copy()  # kept as they are if this part fails
+                await anyio.to_thread.run_sync(handle.seek, offset)
+                body = FileBody(handle, length, lc.settings.upload.block_size, progress, hashes)
+                try:
+                    part = await jobs.add_part(upload.id, length, aiter(body), route)
+                except RetryableError as exc:
+                    progress(-body.sent)
+                    if attempt == PART_RETRY.max_attempts:
+                        raise
+                    run.log.warning("upload part failed; sending it again", error=str(exc))
+                    await anyio.sleep(PART_RETRY.delay(attempt, exc.retry_after, lc.rng))
+                    continue
+                md5, sha256 = body.md5, body.sha256
+                part_ids.append(part.id)
+                break
+        done = await jobs.complete_upload(upload.id, part_ids, md5.hexdigest(), route)
+    finally:
+        lc.metrics.upload_finished(run.record.name)
+        await anyio.to_thread.run_sync(handle.close)
+    if done.file is None:
+        raise UnreadableAnswer("complete_upload", "a completed upload without its file")
+    run.log.info("uploaded in parts", bytes=size, parts=len(part_ids), file_id=done.file.id)
+    return done.file.id, sha256.hexdigest()
