@@ -3,11 +3,11 @@ record, store, intents, polling and adoption rules as ``lifecycle``; its transit
 table is ``states.TRANSITIONS_BY_API["fine_tuning"]``.
 
 There is no idempotency key in this dialect: exactly-once comes from a tag and a look
-before acting. Each job is created with ``metadata`` naming it (job, attempt, spec);
-a create whose outcome is unknown (an intent a crash left, an answer lost) first lists
-the jobs with those tags and follows the one it finds. A file is named after its
-content, so an upload whose answer was lost is found by name and size, and the same
-content goes up once per endpoint and provider.
+before acting. Each job is created with ``metadata`` naming it (job, attempt, spec),
+and every create first lists the jobs with those tags and follows the one it finds (an
+answer lost, a crash, a state file lost). A file is named after its content and looked
+for by name and size before it is sent, so the same content goes up once per endpoint
+and provider.
 """
 
 from __future__ import annotations
@@ -71,10 +71,10 @@ async def upload_file(lc: Lifecycle, run: JobRun) -> None:
     jobs, name, size = _jobs(lc), file_name(run), run.report.size
     key = f"{jobs.identity}|files|{run.spec.provider}|sha256:{run.report.sha256}"
     async with lc.content_lock(key):
+        # Named by its content, a file found there (this content sent before, by any
+        # run or state file, or an upload whose answer was lost) is not sent again.
         shared = await lc.store.find_dataset(key)
-        found = None
-        if shared is None and run.record.intent == UPLOAD_FILE and run.unsent_intent is None:
-            found = await jobs.find_file(name, size, route(run))  # its answer was lost
+        found = None if shared else await jobs.find_file(name, size, route(run))
         if shared is not None or found is not None:
             file_id = shared.dataset_id if shared else found.id  # type: ignore[union-attr]
             await lc.transition(
@@ -99,24 +99,24 @@ async def upload_file(lc: Lifecycle, run: JobRun) -> None:
                 file_id, sha256 = await upload_in_parts(lc, run, name)
             else:
                 file_id, sha256 = await _upload_whole(lc, run, name, size)
-    if sha256 != run.record.content_sha256:
-        await lc.transition(
+        if sha256 != run.record.content_sha256:
+            await lc.transition(
+                run,
+                State.FAILED,
+                "dataset changed while uploading",
+                error=f"dataset changed while uploading: {run.spec.dataset_path} no longer "
+                "has the content that was checked; run again to check and upload it anew",
+                abandoned_datasets=(*run.record.abandoned_datasets, file_id),
+                intent=None,
+            )
+            return
+        await lc.transition(  # inside the lock: the next job of this content reuses it
             run,
-            State.FAILED,
-            "dataset changed while uploading",
-            error=f"dataset changed while uploading: {run.spec.dataset_path} no longer "
-            "has the content that was checked; run again to check and upload it anew",
-            abandoned_datasets=(*run.record.abandoned_datasets, file_id),
-            intent=None,
+            State.DATASET_READY,
+            dataset_id=file_id,
+            shares=SharedDataset(key, file_id, ""),
+            intent=CREATE_FINETUNE,
         )
-        return
-    await lc.transition(
-        run,
-        State.DATASET_READY,
-        dataset_id=file_id,
-        shares=SharedDataset(key, file_id, ""),
-        intent=CREATE_FINETUNE,
-    )
 
 
 async def _upload_whole(lc: Lifecycle, run: JobRun, name: str, size: int) -> tuple[str, str]:
@@ -139,13 +139,13 @@ async def _upload_whole(lc: Lifecycle, run: JobRun, name: str, size: int) -> tup
 async def create_job(lc: Lifecycle, run: JobRun) -> None:
     """dataset_ready -> finetune_created (or wherever a job found by its tags is)."""
     record, jobs = run.record, _jobs(lc)
-    if record.intent == CREATE_FINETUNE and run.unsent_intent is None:
-        # A create may have happened (a crash, a lost answer): look before acting.
-        found = await jobs.find_jobs(tags(record), route(run))
-        if found:
-            await _created(lc, run, found[0], "found by its tags")
-            return
-    elif record.intent != CREATE_FINETUNE:
+    # Look before acting, always: a create may have happened with its answer lost, in
+    # a process that crashed, or under a state file since lost. One list call per job.
+    found = await jobs.find_jobs(tags(record), route(run))
+    if found:
+        await _created(lc, run, found[0], "found by its tags")
+        return
+    if record.intent != CREATE_FINETUNE:
         await lc.persist(run, intent=CREATE_FINETUNE)
     run.unsent_intent = None  # from here on, the endpoint may have made it
     job = await jobs.create_job(_create_body(run), route(run))

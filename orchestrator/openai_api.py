@@ -222,10 +222,9 @@ class FineTuningClient(GatewayClient):
         return job
 
     def _data(self, endpoint: Endpoint, reply: Reply, payload: Any) -> Any:
-        """A bare JSON object is the answer; anything else with a 2xx is unreadable."""
-        if isinstance(payload, dict) and "error" not in payload:
-            return payload
-        return None
+        """A bare JSON object is the answer (a job's ``error`` is one of its fields);
+        anything else with a 2xx is unreadable."""
+        return payload if isinstance(payload, dict) else None
 
 
 async def _framed(head: bytes, blocks: AsyncIterator[bytes], tail: bytes) -> AsyncIterator[bytes]:

@@ -96,18 +96,22 @@ def live_renderable(engine: Engine) -> Any:
         key=lambda run: run.record.phase_started_at or now,
     )
     if waiting:
-        table = Table("in flight", "phase", "for", "expected end", box=None, padding=(0, 2))
+        headers = ["in flight", "phase", "for", "expected end"]
+        events = any(run.record.last_event for run in waiting)  # fine_tuning jobs say more
+        table = Table(*headers, *(["last event"] if events else []), box=None, padding=(0, 2))
         for run in waiting[:SHOWN_IN_FLIGHT]:
             record = run.record
             end = engine.lc.clock.expected_end(run) if not record.phase_adopted else None
-            table.add_row(
+            row = [
                 record.name,
                 record.state.value,
                 _duration(now - (record.phase_started_at or now)),
                 f"in {_duration(end - now)}" if end and end > now else "-",
-            )
+            ]
+            table.add_row(*row, *([record.last_event or "-"] if events else []))
         if len(waiting) > SHOWN_IN_FLIGHT:
-            table.add_row(f"... and {len(waiting) - SHOWN_IN_FLIGHT} more", "", "", "")
+            more = f"... and {len(waiting) - SHOWN_IN_FLIGHT} more"
+            table.add_row(more, *[""] * (len(table.columns) - 1))
         parts.append(table)
     notes = [note for run in engine.runs.values() if (note := unknown_status_note(run.record, now))]
     for note in notes[:5]:

@@ -26,6 +26,8 @@ from aiohttp import web
 
 from orchestrator.simulator import world as w
 from orchestrator.simulator.config import ODD_ANSWERS, SimConfig
+from orchestrator.simulator.jobs import FineTuningRoutes, is_openai_path
+from orchestrator.simulator.jobs import error as openai_error
 from orchestrator.simulator.signing import UrlSigner
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -97,6 +99,7 @@ class Simulator:
         self._own_dir = data_dir is None
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="finetune-sim-"))
         self.world = w.World(self.config, self.data_dir)
+        self.jobs = FineTuningRoutes(self)  # the OpenAI-compatible dialect
         self._signer: UrlSigner | None = None
         self._runner: web.AppRunner | None = None
         self._background: set[asyncio.Task[None]] = set()
@@ -121,6 +124,7 @@ class Simulator:
         r.add_post("/v1/finetune/{id}/validation/start", self._start_validation)
         r.add_post("/v1/finetune/{id}/start", self._start)
         r.add_post("/v1/finetune/{id}/cancel", self._cancel)
+        self.jobs.add(r)
         r.add_get("/_sim/journal", self._journal)
         r.add_get("/_sim/finetunes", self._finetunes)
         r.add_post("/_sim/config", self._set_config)
@@ -178,21 +182,23 @@ class Simulator:
             return await handler(request)
         if cfg.latency or cfg.latency_jitter:
             await asyncio.sleep(cfg.latency + rng.random() * cfg.latency_jitter)
-        if request.headers.get(API_KEY_HEADER) != cfg.api_key:
-            return _failure(401, "invalid or missing x-portkey-api-key")
+        openai = is_openai_path(path)
+        fail = openai_error if openai else _failure  # each dialect's error shape
+        bearer = request.headers.get("Authorization", "")
+        if request.headers.get(API_KEY_HEADER) != cfg.api_key and bearer != f"Bearer {cfg.api_key}":
+            return fail(401, "invalid or missing x-portkey-api-key (or bearer token)")
         if cfg.drop_rate and rng.random() < cfg.drop_rate:
             self.journal.faults["dropped"] += 1
             return self._drop(request)
         if cfg.rate_limit_rate and rng.random() < cfg.rate_limit_rate:
             self.journal.faults["429"] += 1
-            return _failure(
-                429, "rate limit exceeded", headers={"Retry-After": f"{cfg.retry_after:g}"}
-            )
+            return fail(429, "rate limit exceeded", headers={"Retry-After": f"{cfg.retry_after:g}"})
         if cfg.error_rate and rng.random() < cfg.error_rate:
             status = rng.choice((500, 502, 503))
             self.journal.faults[str(status)] += 1
-            return _failure(status, "injected server error")
-        odd = self._odd_answer(request) if cfg.odd_answer_rate else None
+            return fail(status, "injected server error")
+        # Odd answers are the envelope's (HTML pages, cut or hollow envelopes).
+        odd = self._odd_answer(request) if cfg.odd_answer_rate and not openai else None
         if odd is not None and ODD_ANSWERS[odd] != "after":
             return _odd_response(odd)
         response = await handler(request)

@@ -178,3 +178,80 @@ def test_missing_manifest_and_directory(tmp_path: Path) -> None:
         load_manifest(tmp_path / "nope.yaml", {})
     with pytest.raises(ManifestError, match="is a directory"):
         load_manifest(tmp_path, {})
+
+
+DIALECTS = """\
+gateway:
+  base_url: http://127.0.0.1:8080
+  api_key: k
+  api: fine_tuning
+  auth: bearer
+  headers: {x-portkey-config: "${CONFIG}"}
+defaults:
+  provider: openai
+  model: gpt-4o-mini
+jobs:
+  - name: tuned
+    dataset: data/support.jsonl
+    suffix: support
+    seed: 7
+    metadata: {team: search}
+  - name: classic
+    api: finetune
+    dataset: data/support.jsonl
+    virtual_key: vk-openai
+"""
+
+
+def test_each_job_has_its_dialect_and_the_gateway_its_auth_and_headers(folder: Path) -> None:
+    manifest = load(folder, DIALECTS, {"CONFIG": "cfg-secret"})
+    assert manifest.auth == "bearer"  # type: ignore[attr-defined]
+    assert manifest.headers == (("x-portkey-config", "cfg-secret"),)  # type: ignore[attr-defined]
+    tuned, classic = manifest.jobs  # type: ignore[attr-defined]
+    assert (tuned.api, tuned.suffix, tuned.seed, tuned.metadata) == (
+        "fine_tuning",
+        "support",
+        7,
+        {"team": "search"},
+    )
+    assert classic.api == "finetune" and classic.suffix is None
+    # A finetune job's fingerprint is the one it had before dialects existed.
+    assert classic.fingerprint("abc") == classic.__class__(
+        **{**classic.__dict__, "api": "finetune"}
+    ).fingerprint("abc")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            ("    virtual_key: vk-openai\n", "    virtual_key: vk-openai\n    suffix: x\n"),
+            ":20: jobs[1] (classic).suffix: only for api: fine_tuning (this job's api is finetune)",
+        ),
+        (
+            ("    suffix: support\n", "    suffix: support\n    override_model: m\n"),
+            ":14: jobs[0] (tuned).override_model: only for api: finetune",
+        ),
+        (
+            ("    dataset: data/support.jsonl\n    suffix", "    s3_key: k.jsonl\n    suffix"),
+            ":12: jobs[0] (tuned).s3_key: api: fine_tuning uploads a local file",
+        ),
+        (
+            ("  api: fine_tuning\n", "  api: openai\n"),
+            ":4: gateway.api: must be 'finetune' or 'fine_tuning'",
+        ),
+        (
+            ("{team: search}", "{orchestrator_job: x}"),
+            "metadata: 'orchestrator_job': keys starting 'orchestrator_' are the orchestrator's",
+        ),
+        (
+            ("    seed: 7\n", "    seed: 7\n    epochs: 2\n"),
+            "jobs[0] (tuned).epochs: unknown field",
+        ),
+    ],
+)
+def test_each_dialect_refuses_the_other_dialects_fields(
+    folder: Path, change: tuple[str, str], expected: str
+) -> None:
+    assert change[0] in DIALECTS
+    assert expected in error_of(folder, DIALECTS.replace(*change), {"CONFIG": "c"})
