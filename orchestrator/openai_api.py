@@ -22,7 +22,9 @@ from orchestrator.sessions import Reply
 
 UPLOAD_FILE = Endpoint("upload_file", "POST", "/v1/files", retry_blindly=False)
 LIST_FILES = Endpoint("list_files", "GET", "/v1/files", retry_blindly=True)
-CREATE_UPLOAD = Endpoint("create_upload", "POST", "/v1/uploads", retry_blindly=False)
+# An upload made twice leaves one unused, which expires within the hour: no file exists
+# before the completion, so the create may be repeated after a lost answer.
+CREATE_UPLOAD = Endpoint("create_upload", "POST", "/v1/uploads", retry_blindly=True)
 ADD_PART = Endpoint("add_upload_part", "POST", "/v1/uploads/{id}/parts", retry_blindly=False)
 COMPLETE_UPLOAD = Endpoint(
     "complete_upload", "POST", "/v1/uploads/{id}/complete", retry_blindly=True
