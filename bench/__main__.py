@@ -13,6 +13,7 @@ from typing import Any
 from bench import (
     checks,
     lifecycle,
+    parts,
     pg_drivers,
     resume,
     soak,
@@ -34,6 +35,8 @@ TARGETS = [
     ("pg_store_transitions_per_s", 5000, "min", "transitions/s, PostgreSQL"),
     ("resume_first_transition_s", 1.0, "max", "s to the first resumed transition"),
     ("upload_vs_curl", 0.9, "min", "x  upload throughput vs curl -T"),
+    ("parts_upload_vs_curl", 0.9, "min", "x  /v1/uploads parts vs curl posting them"),
+    ("parts_peak_rss_mib_1gib", 100, "max", "MiB peak RSS sending 1 GiB in parts"),
     ("dataset_check_mb_per_s", 100, "min", "MB/s local dataset checks"),
     ("peak_rss_mib_1gib", 100, "max", "MiB peak RSS uploading 1 GiB"),
     ("peak_rss_mib_4gib", 100, "max", "MiB peak RSS uploading 4 GiB"),
@@ -51,6 +54,7 @@ def main() -> None:
         choices=[
             "checks",
             "uploads",
+            "parts",
             "lifecycle",
             "store",
             "pg_drivers",
@@ -72,6 +76,7 @@ def main() -> None:
         "resume": lambda: resume.run(),
         "lifecycle": lambda: lifecycle.run(jobs=args.jobs, repeats=args.repeats),
         "uploads": lambda: uploads.run(size=int(args.upload_gib * 1024**3)),
+        "parts": lambda: parts.run(size=int(args.upload_gib * 1024**3)),
         "soak": lambda: soak.run(),
     }
     for name, suite in suites.items():

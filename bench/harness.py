@@ -54,16 +54,18 @@ class Measured:
     cpu: float  # user + system seconds of the measured process
     peak_rss_mib: float
     stderr: str
+    stdout: str = ""
 
 
 _WRAPPER = """
 import resource, subprocess, sys, time, json
 started = time.perf_counter()
-done = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+done = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 wall = time.perf_counter() - started
 usage = resource.getrusage(resource.RUSAGE_CHILDREN)
 print(json.dumps({"code": done.returncode, "wall": wall, "cpu": usage.ru_utime + usage.ru_stime,
-                  "rss_kib": usage.ru_maxrss, "stderr": done.stderr[-20000:]}))
+                  "rss_kib": usage.ru_maxrss, "stderr": done.stderr[-20000:],
+                  "stdout": done.stdout[-20000:]}))
 """
 
 
@@ -84,7 +86,14 @@ def measure(args: list[str], env: dict[str, str] | None = None) -> Measured:
         [sys.executable, "-c", _WRAPPER, *args], env=env, capture_output=True, text=True, check=True
     )
     data = json.loads(out.stdout)
-    return Measured(data["code"], data["wall"], data["cpu"], data["rss_kib"] / 1024, data["stderr"])
+    return Measured(
+        data["code"],
+        data["wall"],
+        data["cpu"],
+        data["rss_kib"] / 1024,
+        data["stderr"],
+        data["stdout"],
+    )
 
 
 def orchestrator_env(sim: SimProcess) -> dict[str, str]:
