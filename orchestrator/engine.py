@@ -170,6 +170,7 @@ class Engine:
     ) -> None:
         self.lc = lc
         lc.on_estimate = self._estimate_dropped
+        lc.fence = self._fence
         self.until = until
         self.step_retry = step_retry
         # A batch keeps every run for its summary and view; the daemon, which runs for
@@ -216,6 +217,7 @@ class Engine:
             tg.start_soon(self.watch_cancels)
             if self.lc.store.shared:
                 tg.start_soon(self.keep_leases)
+                tg.start_soon(self.take_over_forever)
 
     async def watch_cancels(self) -> None:
         """Forever: hand cancel requests in the store to the jobs' drivers."""
@@ -248,18 +250,30 @@ class Engine:
                 if name in self._driving:
                     run.wake.set()  # its driver cancels it between steps
                 elif self._group is not None:  # known but left alone (spec changed)
+                    if store.shared and not await store.claim([name]):
+                        run.cancel_requested = False  # being driven elsewhere: it cancels
+                        continue
                     self._driving.add(name)
                     self._group.start_soon(self.drive, run)
 
     # ------------------------------------------------------------------- leases
 
     async def keep_leases(self) -> None:
-        """Forever, with a shared store: renew this worker's leases, and take over the
-        jobs followed here whose workers went quiet."""
+        """Forever, with a shared store: renew this worker's leases. A loop of its own,
+        which nothing else holds up (claiming waits for room; renewing must not)."""
         while True:
             await anyio.sleep(self.lc.store.lease_ttl / 3)
             try:
                 await self._renew()
+            except StoreError as exc:
+                self.halt(str(exc))
+
+    async def take_over_forever(self) -> None:
+        """Forever, with a shared store: follow the jobs other workers drive, and take
+        over those whose workers went quiet."""
+        while True:
+            await anyio.sleep(self.lc.store.lease_ttl / 3)
+            try:
                 await self._take_over()
             except StoreError as exc:
                 self.halt(str(exc))
@@ -281,7 +295,18 @@ class Engine:
         last renewal is too old to vouch for it)."""
         if time.monotonic() >= self._leases_trusted_until:
             await self._renew()
+        if not self.lc.store.holds(run.record.name):  # lost, as another engine learned
+            self._lost(run)
         return not run.lease_lost
+
+    def _fence(self, run: JobRun) -> None:
+        """Called by a step just before a call that must not happen twice (a create, a
+        start, an upload): raises unless this worker's lease on the job is known to hold
+        right now. No await between this and the call."""
+        if self.broken is not None or not self.lc.store.holds(run.record.name):
+            raise LeaseLost(f"{run.record.name}: not this worker's to act on")
+        if time.monotonic() >= self._leases_trusted_until:
+            raise RetryableError("lease", "lease not renewed in time; confirming it first")
 
     def _lost(self, run: JobRun) -> None:
         if not run.lease_lost:
@@ -294,8 +319,15 @@ class Engine:
         followed = [name for name, run in self.runs.items() if run.elsewhere]
         if not followed or self.stopping:
             return
-        for name, record in (await self.lc.store.load(followed)).items():
-            run = self.runs[name]
+        fresh = await self.lc.store.load(followed)
+        for name in followed:
+            run, record = self.runs[name], fresh.get(name)
+            if record is None or record.fingerprint != run.fingerprint:
+                # Forgotten, or replaced with another spec by a worker whose manifest
+                # differs: not this copy's job to wait for or drive.
+                run.elsewhere = False
+                log.warning("no longer followed: its spec changed elsewhere", job=name)
+                continue
             run.record = record
             if self._done(record.state) and not self.keep_finished:
                 self.runs.pop(name, None)
@@ -451,8 +483,9 @@ class Engine:
         async def apply(index: int, plan: PlannedJob) -> None:
             try:
                 applied[index] = await self._apply(plan)
-            except LeaseLost:  # another worker created it first: followed from the store
-                applied[index] = JobRecord(plan.spec.name, plan.fingerprint)
+            except LeaseLost:  # another worker has it: followed from the store
+                applied[index] = JobRecord(plan.spec.name, plan.fingerprint, api=plan.spec.api)
+                elsewhere.add(plan.spec.name)
             if shared and plan.action is Action.CREATE:
                 elsewhere.add(plan.spec.name)  # recorded free: claimed as there is room
 
@@ -598,6 +631,14 @@ class Engine:
         finally:
             if run.lease_lost:
                 run.elsewhere = True  # followed again, and taken back if its worker dies
+            elif self.lc.store.shared and not self.stopping and not self._done(run.record.state):
+                # Left undone (a failure that could not be recorded): free for any worker.
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self.lc.store.release([name])
+                        run.elsewhere = True
+                    except StoreError as exc:
+                        self.halt(str(exc))
             self._driving.discard(name)
             if not self.keep_finished and run.record.state.terminal:
                 self.runs.pop(name, None)

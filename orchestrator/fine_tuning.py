@@ -5,9 +5,9 @@ table is ``states.TRANSITIONS_BY_API["fine_tuning"]``.
 There is no idempotency key in this dialect: exactly-once comes from a tag and a look
 before acting. Each job is created with ``metadata`` naming it (job, attempt, spec),
 and every create first lists the jobs with those tags and follows the one it finds (an
-answer lost, a crash, a state file lost). A file is named after its content and looked
-for by name and size before it is sent, so the same content goes up once per endpoint
-and provider.
+answer lost, a crash, a state file lost). A file is named after its content: shared by
+the jobs of one store, and looked for by name and size before it is sent (far back when
+this job's own upload may have happened, among the newest files otherwise).
 """
 
 from __future__ import annotations
@@ -71,12 +71,16 @@ async def upload_file(lc: Lifecycle, run: JobRun) -> None:
     jobs, name, size = _jobs(lc), file_name(run), run.report.size
     key = f"{jobs.identity}|files|{run.spec.provider}|sha256:{run.report.sha256}"
     async with lc.content_lock(key):
-        # Named by its content, a file found there (this content sent before, by any
-        # run or state file, or an upload whose answer was lost) is not sent again.
+        # Named by its content: this content sent for another job is not sent again.
         shared = await lc.store.find_dataset(key)
-        found = None if shared else await jobs.find_file(name, size, route(run))
-        if shared is not None or found is not None:
-            file_id = shared.dataset_id if shared else found.id  # type: ignore[union-attr]
+        file_id = shared.dataset_id if shared else None
+        if file_id is None:
+            # Sent before with its answer lost, by this job (looked for far back) or by
+            # another of the same content killed before it shared it (among the newest).
+            maybe_sent = run.record.intent == UPLOAD_FILE and run.unsent_intent is None
+            found = await jobs.find_file(name, size, route(run), pages=50 if maybe_sent else 1)
+            file_id = found.id if found else None
+        if file_id is not None:
             await lc.transition(
                 run,
                 State.DATASET_READY,
@@ -92,6 +96,7 @@ async def upload_file(lc: Lifecycle, run: JobRun) -> None:
         async with lc.small_upload_slots if small else lc.upload_slots:
             if run.cancel_requested:
                 return
+            lc.fence(run)
             run.unsent_intent = None  # from here on, the file may be made
             if size > MAX_FILE_BYTES:
                 from orchestrator.upload_parts import upload_in_parts
@@ -147,6 +152,7 @@ async def create_job(lc: Lifecycle, run: JobRun) -> None:
         return
     if record.intent != CREATE_FINETUNE:
         await lc.persist(run, intent=CREATE_FINETUNE)
+    lc.fence(run)
     run.unsent_intent = None  # from here on, the endpoint may have made it
     job = await jobs.create_job(_create_body(run), route(run))
     await _created(lc, run, job, None)
@@ -269,6 +275,7 @@ async def cancel(lc: Lifecycle, run: JobRun) -> None:
             await lc.persist(run, finetune_id=found[0].id)
     fields: dict[str, Any] = {}
     if run.record.finetune_id:
+        lc.fence(run)
         try:
             job = await jobs.cancel_job(run.record.finetune_id, route(run))
             fields = {"remote_status": job.status}

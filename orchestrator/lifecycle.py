@@ -29,6 +29,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import anyio
@@ -91,8 +92,9 @@ class JobRun:
         self.signed_url, self.last_poll_at, self.unsent_intent = None, None, None
         self.wake = anyio.Event()
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
+        """The spec and content this process has for the job (fixed for the run)."""
         return self.spec.fingerprint(self.report.sha256 if self.report else None)
 
     @property
@@ -197,6 +199,9 @@ class Lifecycle:
     on_estimate: Callable[[State], None] = lambda state: None
     # Applied to every text stored (errors, details): the log redactor's ``text``.
     redact: Callable[[str], str] = str
+    # Called just before a call that must not happen twice; raises when this process
+    # may not act for the job now (a shared store's lease, ``Engine._fence``).
+    fence: Callable[[JobRun], None] = lambda run: None
     # key -> (lock, holders): an entry lives only while some job holds or awaits it.
     _content_locks: dict[str, tuple[anyio.Lock, list[int]]] = field(default_factory=dict)
 
@@ -321,6 +326,7 @@ async def _create_dataset(lc: Lifecycle, run: JobRun) -> None:
     # key, so "pending" already says what a crash may have left: no intent to save.
     if run.record.state is not State.PENDING and run.record.intent != CREATE_DATASET:
         await lc.persist(run, intent=CREATE_DATASET)
+    lc.fence(run)
     created = await lc.client.create_dataset(
         run.spec.dataset_name,
         run.spec.provider,
@@ -365,6 +371,7 @@ async def _create_and_upload(lc: Lifecycle, run: JobRun) -> None:
                 )
                 return
         assert run.signed_url is not None
+        lc.fence(run)
         progress = lc.metrics.upload_progress(run.record.name, run.report.size if run.report else 0)
         try:
             result = await upload_dataset(
@@ -419,6 +426,7 @@ async def create_finetune(lc: Lifecycle, run: JobRun) -> None:
     """dataset_ready -> finetune_created. A lost answer is replayed with the same key."""
     if run.record.intent != CREATE_FINETUNE:
         await lc.persist(run, intent=CREATE_FINETUNE)
+    lc.fence(run)
     run.unsent_intent = None  # from here on, the gateway may have made it
     spec = run.spec
     created = await lc.client.create_finetune(
@@ -502,6 +510,7 @@ async def start_training(lc: Lifecycle, run: JobRun) -> None:
         return
     if record.intent != START_FINETUNE:
         await lc.persist(run, intent=START_FINETUNE)
+    lc.fence(run)
     run.unsent_intent = None
     now = time.time()  # before the call, as in start_validation
     try:
@@ -573,6 +582,7 @@ async def cancel_job(lc: Lifecycle, run: JobRun) -> None:
         record = run.record
     status: dict[str, Any] = {}
     if record.finetune_id:
+        lc.fence(run)
         try:
             await lc.client.cancel_finetune(record.finetune_id)
         except ConflictError as exc:

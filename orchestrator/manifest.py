@@ -229,12 +229,13 @@ class JobSpec:
 class Manifest:
     path: Path
     base_url: str | None
-    api_key: str | None
+    api_key: str | None = field(repr=False)
     statuses: StatusMap
     jobs: tuple[JobSpec, ...]
     lines: Mapping[Path_, int] = field(default_factory=dict, repr=False)
     auth: str = "portkey"  # how the key is sent: x-portkey-api-key, or Authorization: Bearer
-    headers: tuple[tuple[str, str], ...] = ()  # sent with every gateway call; secrets
+    # Sent with every gateway call; secrets.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 # ---------------------------------------------------------------- the loading

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.errors import UnreadableAnswer
@@ -88,7 +88,7 @@ class Route:
     """Which provider a call through the gateway goes to (not sent with bearer auth)."""
 
     provider: str
-    virtual_key: str | None = None
+    virtual_key: str | None = field(default=None, repr=False)
 
 
 class FineTuningClient(GatewayClient):
@@ -123,10 +123,13 @@ class FineTuningClient(GatewayClient):
         data = await self._call(UPLOAD_FILE, body=_framed(head, blocks, tail), headers=headers)
         return self._parse(UPLOAD_FILE, FileObject, data)
 
-    async def find_file(self, filename: str, size: int, route: Route | None) -> FileObject | None:
-        """A fine-tune file uploaded before under this name and size (its answer lost)."""
+    async def find_file(
+        self, filename: str, size: int, route: Route | None, pages: int = 50
+    ) -> FileObject | None:
+        """A fine-tune file uploaded before under this name and size, among the newest
+        ``pages`` hundred."""
         after: str | None = None
-        for _ in range(50):  # at most 50 pages of 100: older uploads are not looked for
+        for _ in range(pages):
             query = {"purpose": "fine-tune", "limit": "100", **({"after": after} if after else {})}
             page = await self._call(LIST_FILES, query=query, headers=self.route_headers(route))
             files = [self._parse(LIST_FILES, FileObject, f) for f in _items(LIST_FILES, page)]
@@ -193,11 +196,21 @@ class FineTuningClient(GatewayClient):
         self, metadata: Mapping[str, str], route: Route | None
     ) -> list[FineTuningJob]:
         """The jobs tagged with every one of these metadata pairs, newest first."""
-        query = {"limit": "100", **{f"metadata[{k}]": v for k, v in metadata.items()}}
-        page = await self._call(LIST_JOBS, query=query, headers=self.route_headers(route))
-        jobs = [self._job(LIST_JOBS, item) for item in _items(LIST_JOBS, page)]
-        # A server that ignores the filter must not make another job ours.
-        return [j for j in jobs if all((j.metadata or {}).get(k) == v for k, v in metadata.items())]
+        tagged = {f"metadata[{k}]": v for k, v in metadata.items()}
+        found: list[FineTuningJob] = []
+        after: str | None = None
+        for _ in range(50):  # a server that ignores the filter is paged through, to a point
+            query = {"limit": "100", **tagged, **({"after": after} if after else {})}
+            page = await self._call(LIST_JOBS, query=query, headers=self.route_headers(route))
+            jobs = [self._job(LIST_JOBS, item) for item in _items(LIST_JOBS, page)]
+            # Another job is never taken for ours, whatever the server filtered.
+            found += [
+                j for j in jobs if all((j.metadata or {}).get(k) == v for k, v in metadata.items())
+            ]
+            if found or not jobs or not page.get("has_more"):
+                break
+            after = jobs[-1].id
+        return found
 
     async def cancel_job(self, job_id: str, route: Route | None) -> FineTuningJob:
         data = await self._call(CANCEL_JOB, job_id, headers=self.route_headers(route))

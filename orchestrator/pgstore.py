@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -156,16 +157,19 @@ RETURNING {", ".join(f"jobs.{n}" for n in _FIELDS)}, jobs.lease_token
 """
 
 
+_SECRET_PARAMS = {"password", "sslpassword", "passfile", "sslkey"}
+
+
 def shown_url(url: str) -> str:
-    """The URL as it may be printed and logged: without its password."""
+    """The URL as it may be printed and logged: no password, in the userinfo or in the
+    query."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
     host = parts.hostname or ""
     netloc = f"{parts.username}@{host}" if parts.username else host
     if parts.port:
         netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    query = urlencode([(k, "***" if k in _SECRET_PARAMS else v) for k, v in parse_qsl(parts.query)])
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 def worker_name() -> str:
@@ -178,6 +182,8 @@ def _split_schema(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     query = parse_qsl(parts.query)
     schema = next((v for k, v in query if k == "schema"), "orchestrator")
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+        raise StoreError(f"{shown_url(url)}: schema {schema!r} must be 1-63 of a-z, 0-9, _")
     rest = urlencode([(k, v) for k, v in query if k != "schema"])
     return urlunsplit(parts._replace(query=rest)), schema
 
@@ -213,7 +219,11 @@ class PostgresStore:
         if password is not None:
             options["password"] = password
         try:
-            pool = await asyncpg.create_pool(min_size=1, max_size=4, timeout=10, **options)
+            # A statement that hangs (a lock, a dead server) fails instead of holding
+            # a renewal forever.
+            pool = await asyncpg.create_pool(
+                min_size=1, max_size=4, timeout=10, command_timeout=60, **options
+            )
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise StoreError(f"{shown}: cannot connect: {_reason(exc)}") from None
         store = cls(pool, shown, lease_ttl, options)
@@ -233,6 +243,8 @@ class PostgresStore:
         try:
             async with self._pool.acquire() as conn:
                 yield conn
+        except asyncpg.DeadlockDetectedError:
+            raise  # the caller tries its transaction again
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             raise StoreError(f"{self.shown}: {_reason(exc)}") from None
 
@@ -291,6 +303,23 @@ class PostgresStore:
         updated = {
             i.record.name: i for i in items if not (i.transition and i.transition.old is None)
         }
+        for attempt in range(5):
+            try:
+                written = await self._commit(items, created, updated)
+                break
+            except asyncpg.DeadlockDetectedError:  # rolled back whole: tried again
+                if attempt == 4:
+                    raise StoreError(f"{self.shown}: deadlocked five times in a row") from None
+                await anyio.sleep(0.01 * (attempt + 1))
+        lost = (set(created) | set(updated)) - written
+        for name in lost:
+            self._tokens.pop(name, None)
+        return lost
+
+    async def _commit(
+        self, items: list[Save], created: dict[str, Save], updated: dict[str, Save]
+    ) -> set[str]:
+        """One transaction for a batch; the names whose saves landed."""
         async with self._conn() as conn, conn.transaction():
             written: set[str] = set()
             if created:
@@ -298,7 +327,10 @@ class PostgresStore:
                 made = await conn.fetch(_INSERT, _json(rows))
                 written.update(r[0] for r in made)
             if updated:
-                rows = [_row(i.record, self._tokens.get(name, -1)) for name, i in updated.items()]
+                rows = [
+                    _row(i.record, self._tokens.get(name, -1))
+                    for name, i in sorted(updated.items())  # rows locked in name order
+                ]
                 done = await conn.fetch(_UPDATE, _json(rows), _TERMINAL)
                 written.update(r[0] for r in done)
             kept = [i for i in items if i.record.name in written]
@@ -326,10 +358,7 @@ class PostgresStore:
                     "DO UPDATE SET dataset_id = excluded.dataset_id, s3_key = excluded.s3_key",
                     datasets,
                 )
-        lost = (set(created) | set(updated)) - written
-        for name in lost:
-            self._tokens.pop(name, None)
-        return lost
+        return written
 
     async def request_cancel(self, names: Iterable[str]) -> None:
         async with self._conn() as conn, conn.transaction():
@@ -473,21 +502,49 @@ class PostgresStore:
         return claimed
 
     async def renew(self) -> set[str]:
+        """Renews the leases this process knows it holds, by token: a row it owns but
+        never learned of (a claim whose answer was lost) expires on its own."""
         before = dict(self._tokens)
-        async with self._conn() as conn:
-            rows = await conn.fetch(
-                f"UPDATE jobs SET lease_expires_at = {NOW} + $2 WHERE lease_owner = $1 "
-                "RETURNING name, lease_token",
-                self.worker,
-                self.lease_ttl,
+        if not before:
+            return set()
+        names, tokens = list(before), list(before.values())
+        rows = await self._retried(
+            f"""
+            WITH mine AS (
+                SELECT jobs.name FROM jobs
+                JOIN unnest($2::text[], $3::bigint[]) AS held(name, token)
+                  ON jobs.name = held.name AND jobs.lease_token = held.token
+                WHERE jobs.lease_owner = $1
+                ORDER BY jobs.name FOR UPDATE OF jobs
             )
-        held = dict(rows)
-        # Only leases held before the renewal went out: one claimed meanwhile is not lost.
-        lost = {name for name, token in before.items() if held.get(name) != token}
+            UPDATE jobs SET lease_expires_at = {NOW} + $4 FROM mine
+            WHERE jobs.name = mine.name RETURNING jobs.name
+            """,
+            self.worker,
+            names,
+            tokens,
+            self.lease_ttl,
+        )
+        held = {row[0] for row in rows}
+        # Lost: held before the renewal went out, not renewed, and still the same token
+        # here (one ended or released meanwhile is not lost).
+        lost = {n for n, t in before.items() if n not in held and self._tokens.get(n) == t}
         for name in lost:
-            if self._tokens.get(name) == before[name]:
-                del self._tokens[name]
+            del self._tokens[name]
         return lost
+
+    async def _retried(self, sql: str, *args: Any) -> list[Any]:
+        """``fetch`` in a transaction of its own, again after a deadlock (a renewal and
+        a group commit of the same worker lock the same rows): no one is halted for it."""
+        for attempt in range(5):
+            try:
+                async with self._pool.acquire() as conn, conn.transaction():
+                    return list(await conn.fetch(sql, *args))
+            except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError):
+                await anyio.sleep(0.01 * (attempt + 1))
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                raise StoreError(f"{self.shown}: {_reason(exc)}") from None
+        raise StoreError(f"{self.shown}: deadlocked five times in a row")
 
     async def release(self, names: Iterable[str] | None = None) -> None:
         chosen = list(self._tokens) if names is None else list(names)
@@ -502,6 +559,9 @@ class PostgresStore:
             )
         for name in chosen:
             self._tokens.pop(name, None)
+
+    def holds(self, name: str) -> bool:
+        return name in self._tokens
 
     async def leases(self) -> dict[str, Lease]:
         async with self._conn() as conn:

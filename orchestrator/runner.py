@@ -13,7 +13,7 @@ import signal
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +59,9 @@ class Gateway:
     headers every call carries besides."""
 
     base_url: str
-    api_key: str
+    api_key: str = field(repr=False)
     auth: str = "portkey"
-    headers: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     def client(self, settings: ClientSettings, **options: Any) -> GatewayClient:
         """The finetune flow's client."""
@@ -151,7 +151,16 @@ async def open_engine(
             rng=rng,
             redact=redactor.text if redactor else str,
         )
-        yield Engine(lc, until=until, keep_finished=keep_finished)
+        engine = Engine(lc, until=until, keep_finished=keep_finished)
+        try:
+            yield engine
+        finally:
+            if store.shared:  # an engine retired early (the daemon's) gives back its jobs
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await store.release([n for n in engine.runs if store.holds(n)])
+                    except StoreError:
+                        pass  # they expire by themselves
 
 
 # ---------------------------------------------------------------- notifications
@@ -497,9 +506,10 @@ async def _drive_cancels(
                 record.name, record.provider, record.model, "", {}, None, None, None
             )
             run = JobRun(spec, record, cancel_requested=True)
-            if known is None:
+            if known is None and record.api == "finetune":
                 # Without the spec it was sent with, a create whose answer was lost cannot
                 # be replayed: cancelled here, and the outcome says a finetune may exist.
+                # (A fine_tuning job is found by its tags, which need only the record.)
                 run.unsent_intent = CREATE_FINETUNE
             engine.runs[record.name] = run
             runs.append(run)

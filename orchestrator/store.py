@@ -20,9 +20,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import IO, Any, Protocol
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.lowlevel
@@ -41,7 +42,7 @@ class StateLocation:
     """Where the checkpoints live: a SQLite file (a path) or a PostgreSQL database (a
     ``postgresql://`` URL), and where its password is, if not in the URL."""
 
-    value: str
+    value: str = field(repr=False)  # a URL may hold a password
     password_file: Path | None = None
 
     @property
@@ -57,8 +58,9 @@ class StateLocation:
         return self.is_database or self.path.exists()
 
     def password(self) -> str | None:
+        """The database password: the file's, else the URL's (for redaction too)."""
         if self.password_file is None:
-            return None
+            return urlsplit(self.value).password if self.is_database else None
         try:
             return self.password_file.read_text().strip()
         except OSError as exc:
@@ -198,6 +200,9 @@ class CheckpointStore(Protocol):
         """Give up these leases (all held here by default), for others to take now."""
 
     async def leases(self) -> dict[str, Lease]: ...
+
+    def holds(self, name: str) -> bool:
+        """Whether this process holds the job's lease, as far as it knows right now."""
 
     async def wait_for_cancels(self, timeout: float) -> None:
         """Until a cancel may have been requested, or ``timeout`` seconds."""
@@ -714,6 +719,9 @@ class SqliteStore:
     async def leases(self) -> dict[str, Lease]:
         return {}
 
+    def holds(self, name: str) -> bool:
+        return True  # the whole file is this process's
+
     async def wait_for_cancels(self, timeout: float) -> None:
         await anyio.sleep(timeout)
 
@@ -827,6 +835,9 @@ class MemoryStore:
 
     async def leases(self) -> dict[str, Lease]:
         return {}
+
+    def holds(self, name: str) -> bool:
+        return True
 
     async def wait_for_cancels(self, timeout: float) -> None:
         await anyio.sleep(timeout)

@@ -129,7 +129,7 @@ class FileBody:
         ahead = loop.run_in_executor(None, self._read, min(self._block, remaining))
         try:
             while remaining:
-                data = await ahead
+                data = await asyncio.shield(ahead)  # a cut send leaves it to finish
                 if not data:
                     raise UploadError("the dataset file shrank while it was being uploaded")
                 remaining -= len(data)

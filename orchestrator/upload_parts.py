@@ -39,6 +39,7 @@ async def upload_in_parts(
         for offset in range(0, size, part_bytes):
             length = min(part_bytes, size - offset)
             for attempt in range(1, PART_RETRY.max_attempts + 1):
+                lc.fence(run)  # each part is a call of its own
                 hashes = md5.copy(), sha256.copy()  # kept as they are if this part fails
                 await anyio.to_thread.run_sync(handle.seek, offset)
                 body = FileBody(handle, length, lc.settings.upload.block_size, progress, hashes)
