@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import anyio
 import pytest
 
 from orchestrator.datasets import DatasetReport
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def send_in_parts(sim: SimulatorThread, source: Path, part_bytes: int) -> tuple[str, str]:
-    body = source.read_bytes()
+    body = await anyio.Path(source).read_bytes()
     gateway = Gateway(sim.url, sim.simulator.config.api_key, "bearer")
     async with open_engine(
         gateway, default_status_map(), MemoryStore(), EngineSettings(), Metrics(), preflight=False
