@@ -17,10 +17,7 @@ import anyio
 from orchestrator.errors import RetryableError, UnreadableAnswer
 from orchestrator.lifecycle import JobRun, Lifecycle
 from orchestrator.openai_api import PART_BYTES, Route
-from orchestrator.retry import RetryPolicy
 from orchestrator.upload import FileBody
-
-PART_RETRY = RetryPolicy(initial=1.0, maximum=30.0, max_attempts=5)
 
 
 async def upload_in_parts(
@@ -33,12 +30,13 @@ async def upload_in_parts(
     upload = await jobs.create_upload(name, size, route)
     progress = lc.metrics.upload_progress(run.record.name, size)
     md5, sha256 = hashlib.md5(), hashlib.sha256()
+    retry = lc.settings.upload.retry  # a part is retried as a whole upload is
     part_ids: list[str] = []
     handle = await anyio.to_thread.run_sync(run.spec.dataset_path.open, "rb")
     try:
         for offset in range(0, size, part_bytes):
             length = min(part_bytes, size - offset)
-            for attempt in range(1, PART_RETRY.max_attempts + 1):
+            for attempt in range(1, retry.max_attempts + 1):
                 lc.fence(run)  # each part is a call of its own
                 hashes = md5.copy(), sha256.copy()  # kept as they are if this part fails
                 await anyio.to_thread.run_sync(handle.seek, offset)
@@ -47,10 +45,10 @@ async def upload_in_parts(
                     part = await jobs.add_part(upload.id, length, aiter(body), route)
                 except RetryableError as exc:
                     progress(-body.sent)
-                    if attempt == PART_RETRY.max_attempts:
+                    if attempt == retry.max_attempts:
                         raise
                     run.log.warning("upload part failed; sending it again", error=str(exc))
-                    await anyio.sleep(PART_RETRY.delay(attempt, exc.retry_after, lc.rng))
+                    await anyio.sleep(retry.delay(attempt, exc.retry_after, lc.rng))
                     continue
                 md5, sha256 = body.md5, body.sha256
                 part_ids.append(part.id)

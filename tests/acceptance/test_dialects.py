@@ -72,10 +72,10 @@ def test_both_dialects_under_faults_and_kills_create_each_job_once(
     env = cli_env(sim)
     rng = random.Random(20261130)
     for api in ("finetune", "fine_tuning"):
-        manifest, expected = dialect_manifest(tmp_path, api, 30)
+        manifest, expected = dialect_manifest(tmp_path, api, 20)
         state = tmp_path / f"{api}.db"
         args = cli_args("run", str(manifest), "--state", str(state), *FAST_POLL)
-        for _ in range(4):  # killed at random moments, resumed each time
+        for _ in range(3):  # killed at random moments, resumed each time
             process = subprocess.Popen(
                 args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
             )
@@ -89,12 +89,12 @@ def test_both_dialects_under_faults_and_kills_create_each_job_once(
         creates = {n: sim.journal.finetune_creates[n] for n in expected}
         assert creates == dict.fromkeys(expected, 1)  # one create per job, kills or not
         assert all(j["fine_tuned_model"] for j in jobs.values() if j["state"] == "succeeded")
-    rejected = status_of(tmp_path / "fine_tuning.db", env)["fine_tuning-29"]
+    rejected = status_of(tmp_path / "fine_tuning.db", env)["fine_tuning-19"]
     assert "example longer than 5000 characters" in rejected["error"]
     # The same content went up once as a file, whatever the kills and lost answers did.
     files = {k: v for k, v in sim.journal.dataset_creates.items() if k.startswith("ft-")}
-    assert len(files) == 30 - 5 and set(files.values()) == {1}  # 5 share a neighbour's
-    assert sim.journal.faults["lost_response"] > 5
+    assert len(files) == 20 - 3 and set(files.values()) == {1}  # 3 share a neighbour's
+    assert sim.journal.faults["lost_response"] > 3
 
 
 def test_a_fine_tuning_job_is_cancelled_and_its_events_are_in_the_history(

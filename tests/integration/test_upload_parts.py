@@ -13,8 +13,9 @@ from orchestrator.datasets import DatasetReport
 from orchestrator.lifecycle import JobRun
 from orchestrator.manifest import JobSpec
 from orchestrator.metrics import Metrics
+from orchestrator.retry import RetryPolicy
 from orchestrator.runner import Gateway, open_engine
-from orchestrator.settings import EngineSettings
+from orchestrator.settings import EngineSettings, UploadSettings
 from orchestrator.simulator import SimulatorThread
 from orchestrator.states import JobRecord
 from orchestrator.statuses import default_status_map
@@ -22,13 +23,16 @@ from orchestrator.store import MemoryStore
 from orchestrator.upload_parts import upload_in_parts
 
 pytestmark = pytest.mark.anyio
+FAST = EngineSettings(
+    upload=UploadSettings(retry=RetryPolicy(initial=0.01, maximum=0.05, max_attempts=12))
+)
 
 
 async def send_in_parts(sim: SimulatorThread, source: Path, part_bytes: int) -> tuple[str, str]:
     body = await anyio.Path(source).read_bytes()
     gateway = Gateway(sim.url, sim.simulator.config.api_key, "bearer")
     async with open_engine(
-        gateway, default_status_map(), MemoryStore(), EngineSettings(), Metrics(), preflight=False
+        gateway, default_status_map(), MemoryStore(), FAST, Metrics(), preflight=False
     ) as engine:
         spec = JobSpec(
             "big", "openai", "gpt-4o-mini", "", {}, None, source, None, api="fine_tuning"
