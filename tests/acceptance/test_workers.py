@@ -223,3 +223,25 @@ def test_a_paused_worker_that_lost_its_leases_writes_and_calls_nothing(
     assert {j["state"] for j in states.values()} == {"succeeded"}
     assert all(n == 1 for n in sim.journal.finetune_creates.values())
     assert all(n == 1 for n in sim.journal.starts.values())
+
+
+def test_a_database_password_is_never_shown_and_a_bad_url_is_one_line(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    # Nothing listens on port 1: the error names the database without its password.
+    unreachable = "postgresql://postgres:hunter2secret@127.0.0.1:1/test?sslpassword=p4ss"
+    out = run_cli("status", "--state", unreachable, env=cli_env())
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "cannot connect" in out.stderr
+    assert "hunter2secret" not in out.stderr + out.stdout and "p4ss" not in out.stderr
+    # A password from a file: used (trust auth takes any), never printed.
+    secret = tmp_path / "pgpass"
+    secret.write_text("s3cr3t-from-file\n")
+    args = ("--state", postgres_url, "--state-password-file", str(secret))
+    migrated = run_cli("migrate", *args, env=cli_env())
+    assert migrated.returncode == 0 and "-> 1" in migrated.stdout, migrated.stderr
+    assert "s3cr3t" not in migrated.stdout + migrated.stderr
+    missing = run_cli(
+        "status", "--state", postgres_url, "--state-password-file", "/nope", env=cli_env()
+    )
+    assert missing.returncode == 2 and "/nope: cannot read" in missing.stderr
