@@ -1,10 +1,12 @@
 """The checkpoint store: where every job's record and transition history live.
 
-``CheckpointStore`` is the small interface the engine and the CLI use; ``SqliteStore``
-is the embedded default (WAL, mode 0600, versioned schema) and ``MemoryStore`` serves
-unit tests. Every failure of the file itself is a ``StoreError`` naming it.
+``CheckpointStore`` is the small interface the engine and the CLI use; ``open_store``
+opens the one a ``--state`` names. ``SqliteStore`` is the embedded default (WAL, mode
+0600, versioned schema, one owner), ``pgstore.PostgresStore`` the one several workers
+share, and ``MemoryStore`` serves unit tests. Every failure of the store itself is a
+``StoreError`` naming it.
 
-Writes are group-committed: every ``save`` waits until its row is durable, but all the
+Writes are group-committed (``GroupCommit``, for SQLite and PostgreSQL alike): every ``save`` waits until its row is durable, but all the
 saves that arrive while one commit is in flight share the next commit, so hundreds of
 jobs transitioning at once cost a handful of fsyncs, not hundreds.
 """
