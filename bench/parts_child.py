@@ -34,7 +34,7 @@ async def main(url: str, path: Path, size: int) -> None:
             DatasetReport(path, size),
         )
         started = time.perf_counter()
-        file_id, _ = await upload_in_parts(engine.lc, run, path.name)
+        file_id, _ = await upload_in_parts(engine.lc, run, path, path.name)
         print(f"{time.perf_counter() - started:.6f} {file_id}")
 
 

@@ -522,7 +522,13 @@ class Engine:
                 continue
             if plan.action is Action.CONFLICT:
                 continue  # another manifest's job: not this engine's to know
-            run = JobRun(plan.spec, record, plan.report, elsewhere=record.name in elsewhere)
+            run = JobRun(
+                plan.spec,
+                record,
+                plan.report,
+                elsewhere=record.name in elsewhere,
+                validation=plan.validation,
+            )
             if self.keep_finished or not record.state.terminal:
                 self.runs[plan.spec.name] = run  # the jobs the engine knows, for views
             if run.elsewhere:
@@ -582,8 +588,9 @@ class Engine:
                 "created_at": old.created_at,
             }
         if plan.action is Action.INVALID:
-            assert plan.report is not None
-            record = fresh(state=State.FAILED, error=plan.report.summary(), **carried)
+            bad = plan.invalid_report
+            assert bad is not None
+            record = fresh(state=State.FAILED, error=bad.summary(), **carried)
             detail = "invalid dataset"
             log.error("job failed", job=spec.name, error=record.error)
             self.lc.metrics.failed(spec.name, record.error or detail)

@@ -13,10 +13,12 @@ this job's own upload may have happened, among the newest files otherwise).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
 
+from orchestrator.datasets import DatasetReport
 from orchestrator.errors import AuthError, NotFoundError, PermanentError, UnreadableAnswer
 from orchestrator.lifecycle import (
     CREATE_FINETUNE,
@@ -51,9 +53,8 @@ def tags(record: JobRecord) -> dict[str, str]:
     }
 
 
-def file_name(run: JobRun) -> str:
-    assert run.report is not None
-    return f"ft-{run.report.sha256[:32]}.jsonl"
+def file_name(report: DatasetReport) -> str:
+    return f"ft-{report.sha256[:32]}.jsonl"
 
 
 def _jobs(lc: Lifecycle) -> FineTuningClient:
@@ -65,11 +66,28 @@ def _jobs(lc: Lifecycle) -> FineTuningClient:
 
 
 async def upload_file(lc: Lifecycle, run: JobRun) -> None:
-    """pending -> dataset_ready: the training file is on the endpoint (once per content,
-    provider and endpoint)."""
+    """pending -> dataset_ready: the training file (and the validation file, if the job
+    has one) on the endpoint, each once per content, provider and endpoint."""
     assert run.spec.dataset_path is not None and run.report is not None
-    jobs, name, size = _jobs(lc), file_name(run), run.report.size
-    key = f"{jobs.identity}|files|{run.spec.provider}|sha256:{run.report.sha256}"
+    if not await _ensure_file(lc, run, run.spec.dataset_path, run.report, "dataset_id"):
+        return
+    if run.spec.validation_path is not None:
+        assert run.validation is not None
+        path, report = run.spec.validation_path, run.validation
+        if not await _ensure_file(lc, run, path, report, "validation_file_id"):
+            return
+    await lc.transition(run, State.DATASET_READY, intent=CREATE_FINETUNE)
+
+
+async def _ensure_file(
+    lc: Lifecycle, run: JobRun, path: Path, report: DatasetReport, field: str
+) -> bool:
+    """The file of ``path`` on the endpoint, its id in the record's ``field`` (and
+    shared with later jobs of the same content); False when the job failed instead."""
+    if getattr(run.record, field):
+        return True  # recorded before a restart
+    jobs, name, size = _jobs(lc), file_name(report), report.size
+    key = f"{jobs.identity}|files|{run.spec.provider}|sha256:{report.sha256}"
     async with lc.content_lock(key):
         # Named by its content: this content sent for another job is not sent again.
         shared = await lc.store.find_dataset(key)
@@ -80,55 +98,45 @@ async def upload_file(lc: Lifecycle, run: JobRun) -> None:
             maybe_sent = run.record.intent == UPLOAD_FILE and run.unsent_intent is None
             found = await jobs.find_file(name, size, route(run), pages=50 if maybe_sent else 1)
             file_id = found.id if found else None
-        if file_id is not None:
-            await lc.transition(
-                run,
-                State.DATASET_READY,
-                f"reused file {file_id}",
-                dataset_id=file_id,
-                shares=SharedDataset(key, file_id, ""),
-                intent=CREATE_FINETUNE,
-            )
-            return
-        if run.record.intent != UPLOAD_FILE:
-            await lc.persist(run, intent=UPLOAD_FILE)
-        small = size < lc.settings.upload.small_file_bytes
-        async with lc.small_upload_slots if small else lc.upload_slots:
-            if run.cancel_requested:
-                return
-            lc.fence(run)
-            run.unsent_intent = None  # from here on, the file may be made
-            if size > MAX_FILE_BYTES:
-                from orchestrator.upload_parts import upload_in_parts
+        if file_id is None:
+            if run.record.intent != UPLOAD_FILE:
+                await lc.persist(run, intent=UPLOAD_FILE)
+            small = size < lc.settings.upload.small_file_bytes
+            async with lc.small_upload_slots if small else lc.upload_slots:
+                if run.cancel_requested:
+                    return False
+                lc.fence(run)
+                run.unsent_intent = None  # from here on, the file may be made
+                if size > MAX_FILE_BYTES:
+                    from orchestrator.upload_parts import upload_in_parts
 
-                file_id, sha256 = await upload_in_parts(lc, run, name)
-            else:
-                file_id, sha256 = await _upload_whole(lc, run, name, size)
-        if sha256 != run.record.content_sha256:
-            await lc.transition(
-                run,
-                State.FAILED,
-                "dataset changed while uploading",
-                error=f"dataset changed while uploading: {run.spec.dataset_path} no longer "
-                "has the content that was checked; run again to check and upload it anew",
-                abandoned_datasets=(*run.record.abandoned_datasets, file_id),
-                intent=None,
-            )
-            return
-        await lc.transition(  # inside the lock: the next job of this content reuses it
-            run,
-            State.DATASET_READY,
-            dataset_id=file_id,
-            shares=SharedDataset(key, file_id, ""),
-            intent=CREATE_FINETUNE,
-        )
+                    file_id, sha256 = await upload_in_parts(lc, run, path, name)
+                else:
+                    file_id, sha256 = await _upload_whole(lc, run, path, name, size)
+            if sha256 != report.sha256:
+                await lc.transition(
+                    run,
+                    State.FAILED,
+                    "dataset changed while uploading",
+                    error=f"dataset changed while uploading: {path} no longer has the "
+                    "content that was checked; run again to check and upload it anew",
+                    abandoned_datasets=(*run.record.abandoned_datasets, file_id),
+                    intent=None,
+                )
+                return False
+        # Inside the lock: the next job of this content finds it shared.
+        record = run.record.evolve(**{field: file_id})
+        await lc.store.save(record, dataset=SharedDataset(key, file_id, ""))
+        run.record = record
+    return True
 
 
-async def _upload_whole(lc: Lifecycle, run: JobRun, name: str, size: int) -> tuple[str, str]:
+async def _upload_whole(
+    lc: Lifecycle, run: JobRun, path: Path, name: str, size: int
+) -> tuple[str, str]:
     """One ``POST /v1/files``; (the file's id, SHA-256 of the bytes sent)."""
-    assert run.spec.dataset_path is not None
     progress = lc.metrics.upload_progress(run.record.name, size)
-    handle = await anyio.to_thread.run_sync(run.spec.dataset_path.open, "rb")
+    handle = await anyio.to_thread.run_sync(path.open, "rb")
     try:
         body = FileBody(handle, size, lc.settings.upload.block_size, progress)
         started = time.monotonic()
@@ -165,6 +173,8 @@ def _create_body(run: JobRun) -> dict[str, Any]:
         "training_file": record.dataset_id,
         "metadata": {**(spec.metadata or {}), **tags(record)},
     }
+    if record.validation_file_id:
+        body["validation_file"] = record.validation_file_id
     if spec.suffix:
         body["suffix"] = spec.suffix
     if spec.seed is not None:

@@ -83,6 +83,7 @@ class JobRun:
     last_poll_at: float | None = None  # wall clock of the last status GET
     sleeping_until: float | None = None  # wall clock its poll is due, while it waits
     unsent_intent: str | None = None  # persisted by this process; its call not sent yet
+    validation: DatasetReport | None = None  # fine_tuning's validation dataset, checked
     elsewhere: bool = False  # another worker holds its lease: followed here, not driven
     lease_lost: bool = False  # taken over while this process drove it
 
@@ -95,7 +96,10 @@ class JobRun:
     @cached_property
     def fingerprint(self) -> str:
         """The spec and content this process has for the job (fixed for the run)."""
-        return self.spec.fingerprint(self.report.sha256 if self.report else None)
+        return self.spec.fingerprint(
+            self.report.sha256 if self.report else None,
+            self.validation.sha256 if self.validation else None,
+        )
 
     @property
     def log(self) -> Any:

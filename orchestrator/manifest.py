@@ -158,6 +158,7 @@ class JobFields(_Strict):
     suffix: Text | None = None  # fine_tuning only, and the three below
     seed: PositiveInt | None = None
     metadata: Annotated[dict[str, str], BeforeValidator(_metadata)] | None = None
+    validation_dataset: Text | None = None  # a local JSONL file, checked like the dataset
 
 
 class JobSection(JobFields):
@@ -193,6 +194,7 @@ class JobSpec:
     manifest: str = ""  # the manifest file it came from
     notify: tuple[str, ...] = ()  # URLs told when the job ends (not part of its spec)
     api: str = "finetune"  # the dialect: "finetune" or "fine_tuning"
+    validation_path: Path | None = None
     suffix: str | None = None
     seed: int | None = None
     metadata: dict[str, str] | None = None
@@ -205,8 +207,8 @@ class JobSpec:
         assert self.s3_key is not None
         return self.s3_key.rsplit("/", 1)[-1] or self.s3_key
 
-    def fingerprint(self, content_sha256: str | None) -> str:
-        """What was applied: an edited spec or dataset changes it."""
+    def fingerprint(self, content_sha256: str | None, validation_sha256: str | None = None) -> str:
+        """What was applied: an edited spec or dataset (or validation dataset) changes it."""
         canonical: dict[str, Any] = {
             "name": self.name,
             "provider": self.provider,
@@ -221,6 +223,7 @@ class JobSpec:
         if self.api != "finetune":  # so that a finetune job's fingerprint stays as it was
             canonical.update(api=self.api, suffix=self.suffix, seed=self.seed)
             canonical["metadata"] = self.metadata
+            canonical["validation_sha256"] = validation_sha256
         blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -448,12 +451,11 @@ def _validate(
             raise fail((*at, "s3_key"), "api: fine_tuning uploads a local file: use 'dataset'")
         dataset_path = None
         if job.dataset is not None:
-            # Relative to the manifest's folder; kept as the user would write it in messages.
-            dataset_path = Path(os.path.normpath(path.parent / job.dataset))
-            if not dataset_path.exists():
-                raise fail((*at, "dataset"), f"file not found: {job.dataset}")
-            if not dataset_path.is_file():
-                raise fail((*at, "dataset"), f"not a regular file: {job.dataset}")
+            dataset_path = _local_file(path, job.dataset, (*at, "dataset"), fail)
+        validation_path = None
+        if merged["validation_dataset"] is not None:
+            where = (*at, "validation_dataset") if job.validation_dataset else ("defaults",)
+            validation_path = _local_file(path, merged["validation_dataset"], where, fail)
         hyper: dict[str, Any] = {}
         for source in (defaults.hyperparameters, job.hyperparameters):
             if source is not None:
@@ -472,6 +474,7 @@ def _validate(
                 manifest=os.path.abspath(path),
                 notify=tuple(section.notify or ()),
                 api=api,
+                validation_path=validation_path,
                 suffix=merged["suffix"],
                 seed=merged["seed"],
                 metadata=merged["metadata"],
@@ -493,5 +496,21 @@ def _validate(
 
 
 # The fields each dialect alone takes; the other dialect refuses them.
-_ONLY_FOR = {"finetune": ("override_model",), "fine_tuning": ("suffix", "seed", "metadata")}
+_ONLY_FOR = {
+    "finetune": ("override_model",),
+    "fine_tuning": ("suffix", "seed", "metadata", "validation_dataset"),
+}
+
+
+def _local_file(manifest: Path, given: str, at: Path_, fail: Any) -> Path:
+    """A dataset path relative to the manifest's folder, kept as the user would write it
+    in messages; a ManifestError when it is not a regular file."""
+    found = Path(os.path.normpath(manifest.parent / given))
+    if not found.exists():
+        raise fail(at, f"file not found: {given}")
+    if not found.is_file():
+        raise fail(at, f"not a regular file: {given}")
+    return found
+
+
 _OTHER = {"finetune": "fine_tuning", "fine_tuning": "finetune"}

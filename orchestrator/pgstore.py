@@ -84,6 +84,7 @@ CREATE TABLE jobs (
     updated_at DOUBLE PRECISION NOT NULL,
     api TEXT NOT NULL DEFAULT 'finetune',
     last_event TEXT,
+    validation_file_id TEXT,
     lease_owner TEXT,
     lease_token BIGINT,
     lease_claimed_at DOUBLE PRECISION,

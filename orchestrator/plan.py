@@ -53,18 +53,24 @@ class PlannedJob:
     fingerprint: str
     record: JobRecord | None
     report: DatasetReport | None
+    validation: DatasetReport | None = None  # fine_tuning's validation dataset
 
     def describe(self) -> str:
         state = self.record.state.value if self.record else "-"
         if self.action is Action.RESUME:
             return f"resume from {state}"
-        if self.action is Action.INVALID and self.report is not None:
-            return f"invalid dataset: {self.report.summary()}"
+        if self.action is Action.INVALID and (bad := self.invalid_report) is not None:
+            return f"invalid dataset: {bad.summary()}"
         if self.action is Action.CHANGED:
             return f"changed since it was submitted ({state}); left alone without --replace"
         if self.action is Action.CONFLICT and self.record is not None:
             return f"the name is taken by a job of {self.record.manifest}; left alone"
         return self.action.value
+
+    @property
+    def invalid_report(self) -> DatasetReport | None:
+        """The report of the dataset (or validation dataset) that failed its checks."""
+        return next((r for r in (self.report, self.validation) if r and not r.ok), None)
 
     @property
     def left_alone(self) -> bool:
@@ -76,7 +82,7 @@ async def inspect_datasets(
     specs: Iterable[JobSpec], settings: CheckSettings, concurrency: int = 2
 ) -> dict[Path, DatasetReport]:
     """Check (and hash) each distinct local dataset once, a few files at a time."""
-    paths = sorted({s.dataset_path for s in specs if s.dataset_path is not None})
+    paths = sorted({p for s in specs for p in (s.dataset_path, s.validation_path) if p is not None})
     reports: dict[Path, DatasetReport] = {}
     limiter = anyio.CapacityLimiter(concurrency)
 
@@ -105,7 +111,10 @@ def plan_jobs(
     planned: list[PlannedJob] = []
     for spec in specs:
         report = reports.get(spec.dataset_path) if spec.dataset_path else None
-        fingerprint = spec.fingerprint(report.sha256 if report else None)
+        validation = reports.get(spec.validation_path) if spec.validation_path else None
+        fingerprint = spec.fingerprint(
+            report.sha256 if report else None, validation.sha256 if validation else None
+        )
         record = records.get(spec.name)
         same = record is not None and record.fingerprint == fingerprint
         if record is None:
@@ -123,18 +132,13 @@ def plan_jobs(
             action = Action.RETRY
         else:
             action = Action.CHANGED
-        if (
-            report is not None
-            and not report.ok
-            and action
-            in (
-                Action.CREATE,
-                Action.RETRY,
-                Action.REPLACE,
-            )
+        if any(r is not None and not r.ok for r in (report, validation)) and action in (
+            Action.CREATE,
+            Action.RETRY,
+            Action.REPLACE,
         ):
             action = Action.INVALID
-        planned.append(PlannedJob(spec, action, fingerprint, record, report))
+        planned.append(PlannedJob(spec, action, fingerprint, record, report, validation))
     return planned
 
 

@@ -154,6 +154,7 @@ class JobRecord:
     updated_at: float = field(default_factory=time.time)
     api: str = "finetune"  # the dialect whose transition table the job follows
     last_event: str | None = None  # fine_tuning: the job's latest event message
+    validation_file_id: str | None = None  # fine_tuning: its validation file, once uploaded
 
     def evolve(self, **changes: Any) -> JobRecord:
         """A copy with ``changes`` and a fresh ``updated_at``."""

@@ -6,9 +6,10 @@ opens the one a ``--state`` names. ``SqliteStore`` is the embedded default (WAL,
 share, and ``MemoryStore`` serves unit tests. Every failure of the store itself is a
 ``StoreError`` naming it.
 
-Writes are group-committed (``GroupCommit``, for SQLite and PostgreSQL alike): every ``save`` waits until its row is durable, but all the
-saves that arrive while one commit is in flight share the next commit, so hundreds of
-jobs transitioning at once cost a handful of fsyncs, not hundreds.
+Writes are group-committed (``GroupCommit``, for SQLite and PostgreSQL alike): every
+``save`` waits until its row is durable, but all the saves that arrive while one commit
+is in flight share the next commit, so hundreds of jobs transitioning at once cost a
+handful of fsyncs, not hundreds.
 """
 
 from __future__ import annotations
@@ -282,7 +283,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     api TEXT NOT NULL DEFAULT 'finetune',
-    last_event TEXT
+    last_event TEXT,
+    validation_file_id TEXT
 );
 CREATE TABLE IF NOT EXISTS transitions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -329,6 +331,7 @@ ALTER TABLE jobs ADD COLUMN training_started_at REAL;
     2: """
 ALTER TABLE jobs ADD COLUMN api TEXT NOT NULL DEFAULT 'finetune';
 ALTER TABLE jobs ADD COLUMN last_event TEXT;
+ALTER TABLE jobs ADD COLUMN validation_file_id TEXT;
 """,
 }
 

@@ -11,6 +11,7 @@ name. An upload that fails as a whole is started afresh by the step's next attem
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import anyio
 
@@ -21,18 +22,19 @@ from orchestrator.upload import FileBody
 
 
 async def upload_in_parts(
-    lc: Lifecycle, run: JobRun, name: str, part_bytes: int = PART_BYTES
+    lc: Lifecycle, run: JobRun, path: Path, name: str, part_bytes: int = PART_BYTES
 ) -> tuple[str, str]:
     """(the file's id, SHA-256 of the bytes sent)."""
-    assert lc.jobs is not None and run.spec.dataset_path is not None and run.report is not None
-    jobs, size = lc.jobs, run.report.size
+    assert lc.jobs is not None
+    jobs = lc.jobs
+    size = await anyio.to_thread.run_sync(lambda: path.stat().st_size)
     route = Route(run.spec.provider, run.spec.virtual_key or None)
     upload = await jobs.create_upload(name, size, route)
     progress = lc.metrics.upload_progress(run.record.name, size)
     md5, sha256 = hashlib.md5(), hashlib.sha256()
     retry = lc.settings.upload.retry  # a part is retried as a whole upload is
     part_ids: list[str] = []
-    handle = await anyio.to_thread.run_sync(run.spec.dataset_path.open, "rb")
+    handle = await anyio.to_thread.run_sync(path.open, "rb")
     try:
         for offset in range(0, size, part_bytes):
             length = min(part_bytes, size - offset)

@@ -105,6 +105,7 @@ class SimJob:
     seed: int
     metadata: dict[str, str]
     hyperparameters: dict[str, Any]
+    validation_file: str | None = None
     status: str = "validating_files"
     created_at: int = field(default_factory=lambda: int(time.time()))
     validated_at: float | None = None  # monotonic: when validation ends
@@ -194,7 +195,7 @@ class JobsWorld:
             "organization_id": "org-simulator",
             "result_files": [],
             "status": job.status,
-            "validation_file": None,
+            "validation_file": job.validation_file,
             "training_file": job.training_file,
             "hyperparameters": {
                 "n_epochs": epochs,
@@ -378,6 +379,9 @@ class FineTuningRoutes:
         file = self.world.files.get(fields["training_file"])
         if file is None:
             raise w.BadRequest(f"invalid training_file: {fields['training_file']}")
+        validation = body.get("validation_file")
+        if validation is not None and validation not in self.world.files:
+            raise w.BadRequest(f"invalid validation_file: {validation}")
         metadata = body.get("metadata") or {}
         if not isinstance(metadata, dict) or len(metadata) > 16:
             raise w.BadRequest("metadata must be an object of at most 16 pairs")
@@ -404,17 +408,23 @@ class FineTuningRoutes:
         self.world.event(job, f"Created fine-tuning job: {job.id}")
         self.world.event(job, "Validating training file")
         self.sim.journal.finetune_creates[job.name] += 1
-        task = asyncio.create_task(self._check(job, file.path))
+        job.validation_file = validation
+        paths = [file.path] + ([self.world.files[validation].path] if validation else [])
+        task = asyncio.create_task(self._check(job, paths))
         self.sim._background.add(task)
         task.add_done_callback(self.sim._background.discard)
         return web.json_response(self.world.as_json(job))
 
-    async def _check(self, job: SimJob, path: Path) -> None:
+    async def _check(self, job: SimJob, paths: list[Path]) -> None:
         cfg = self.sim.config
-        problem = await asyncio.to_thread(w.check_dataset_file, path, cfg.max_example_chars)
+        problem = None
+        for prefix, path in zip(("", "validation file: "), paths, strict=False):
+            found = await asyncio.to_thread(w.check_dataset_file, path, cfg.max_example_chars)
+            if found and problem is None:
+                problem = prefix + found
         if problem is None and self.sim.world.rng.random() < cfg.validation_failure_rate:
             problem = "provider rejected the dataset (injected validation failure)"
-        job.records = 0 if problem else await asyncio.to_thread(w.count_examples, path)
+        job.records = 0 if problem else await asyncio.to_thread(w.count_examples, paths[0])
         job.problem, job.checked = problem, True
 
     async def list_jobs(self, request: web.Request) -> web.Response:

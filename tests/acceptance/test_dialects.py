@@ -126,3 +126,49 @@ def test_a_fine_tuning_job_is_cancelled_and_its_events_are_in_the_history(
     seen = re.findall(r"(\w+) -> \1  \(event: ([^)]*)\)", history.stdout)
     assert seen and all(message.startswith(SIM_EVENTS) for _, message in seen), history.stdout
     assert "-> cancelled" in history.stdout
+
+
+def test_a_validation_dataset_is_checked_uploaded_once_and_sent(
+    sim: SimulatorThread, tmp_path: Path
+) -> None:
+    write_dataset(tmp_path / "data/train.jsonl", salt="t")
+    write_dataset(tmp_path / "data/valid.jsonl", salt="v")
+    (tmp_path / "data/broken.jsonl").write_text('{"messages": [\n')
+    jobs = [
+        {
+            "name": "with-validation",
+            "dataset": "data/train.jsonl",
+            "validation_dataset": "data/valid.jsonl",
+        },
+        {
+            "name": "same-validation",
+            "dataset": "data/valid.jsonl",
+            "validation_dataset": "data/valid.jsonl",
+            "suffix": "other",
+        },
+        {
+            "name": "bad-validation",
+            "dataset": "data/train.jsonl",
+            "validation_dataset": "data/broken.jsonl",
+        },
+    ]
+    manifest = write_manifest(tmp_path / "m.yaml", jobs, gateway={"api": "fine_tuning"})
+    state = tmp_path / "state.db"
+    env = cli_env(sim)
+    out = run_cli("run", str(manifest), "--state", str(state), *FAST_POLL, env=env)
+    assert out.returncode == 1, out.stderr[-2000:]  # the broken one fails here
+    found = status_of(state, env)
+    assert found["with-validation"]["state"] == found["same-validation"]["state"] == "succeeded"
+    assert found["bad-validation"]["state"] == "failed"
+    assert "broken.jsonl:1" in found["bad-validation"]["error"]
+    assert "bad-validation" not in sim.journal.finetune_creates  # nothing sent for it
+    world = sim.simulator.jobs.world
+    sent = {
+        j.name: (world.files[j.training_file].filename, j.validation_file)
+        for j in world.jobs.values()
+    }
+    valid_id = world.jobs[found["with-validation"]["finetune_id"]].validation_file
+    assert valid_id is not None and world.files[valid_id].bytes > 0
+    # One upload per content: valid.jsonl went up once, for both jobs and both uses.
+    assert sent["same-validation"][1] == valid_id
+    assert sum(1 for f in world.files.values()) == 2

@@ -39,7 +39,7 @@ async def send_in_parts(sim: SimulatorThread, source: Path, part_bytes: int) -> 
         )
         report = DatasetReport(source, len(body), hashlib.sha256(body).hexdigest())
         run = JobRun(spec, JobRecord("big", "f", api="fine_tuning"), report)
-        return await upload_in_parts(engine.lc, run, "big.jsonl", part_bytes=part_bytes)
+        return await upload_in_parts(engine.lc, run, source, "big.jsonl", part_bytes=part_bytes)
 
 
 async def test_parts_arrive_in_order_and_make_the_file(

@@ -248,6 +248,17 @@ def test_each_job_has_its_dialect_and_the_gateway_its_auth_and_headers(folder: P
             ("    seed: 7\n", "    seed: 7\n    epochs: 2\n"),
             "jobs[0] (tuned).epochs: unknown field",
         ),
+        (
+            (
+                "    virtual_key: vk-openai\n",
+                "    virtual_key: vk-openai\n    validation_dataset: v\n",
+            ),
+            "(classic).validation_dataset: only for api: fine_tuning",
+        ),
+        (
+            ("    seed: 7\n", "    seed: 7\n    validation_dataset: data/nope.jsonl\n"),
+            ":15: jobs[0] (tuned).validation_dataset: file not found: data/nope.jsonl",
+        ),
     ],
 )
 def test_each_dialect_refuses_the_other_dialects_fields(
