@@ -303,7 +303,9 @@ class Engine:
         """Called by a step just before a call that must not happen twice (a create, a
         start, an upload): raises unless this worker's lease on the job is known to hold
         right now. No await between this and the call."""
-        if self.broken is not None or not self.lc.store.holds(run.record.name):
+        if self.broken is not None:
+            raise StoreError(self.broken)  # nothing more is recorded: nothing more is done
+        if not self.lc.store.holds(run.record.name):
             raise LeaseLost(f"{run.record.name}: not this worker's to act on")
         if time.monotonic() >= self._leases_trusted_until:
             raise RetryableError("lease", "lease not renewed in time; confirming it first")
