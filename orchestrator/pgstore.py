@@ -85,6 +85,7 @@ CREATE TABLE jobs (
     api TEXT NOT NULL DEFAULT 'finetune',
     last_event TEXT,
     validation_file_id TEXT,
+    upload_progress TEXT,
     lease_owner TEXT,
     lease_token BIGINT,
     lease_claimed_at DOUBLE PRECISION,

@@ -155,6 +155,9 @@ class JobRecord:
     api: str = "finetune"  # the dialect whose transition table the job follows
     last_event: str | None = None  # fine_tuning: the job's latest event message
     validation_file_id: str | None = None  # fine_tuning: its validation file, once uploaded
+    # fine_tuning, a file sent in parts: {"name", "upload_id", "part_bytes", "parts"}, so
+    # a restart goes on from the last part the endpoint took.
+    upload_progress: dict[str, Any] | None = None
 
     def evolve(self, **changes: Any) -> JobRecord:
         """A copy with ``changes`` and a fresh ``updated_at``."""

@@ -217,6 +217,7 @@ class CheckpointStore(Protocol):
 
 _FIELDS = [f.name for f in fields(JobRecord)]
 _LISTS = ("abandoned_datasets", "abandoned_finetunes")  # stored as JSON arrays
+_OBJECTS = ("usage", "upload_progress")  # stored as JSON objects
 
 
 def _to_row(record: JobRecord) -> tuple[Any, ...]:
@@ -225,8 +226,9 @@ def _to_row(record: JobRecord) -> tuple[Any, ...]:
     row[_FIELDS.index("state")] = record.state.value
     for name in _LISTS:
         row[_FIELDS.index(name)] = json.dumps(list(values[name]))
-    if record.usage is not None:
-        row[_FIELDS.index("usage")] = json.dumps(record.usage)
+    for name in _OBJECTS:
+        if values[name] is not None:
+            row[_FIELDS.index(name)] = json.dumps(values[name])
     return tuple(row)
 
 
@@ -245,8 +247,9 @@ def _from_row(row: sqlite3.Row | tuple[Any, ...]) -> JobRecord:
     values["phase_adopted"] = bool(values["phase_adopted"])
     for name in _LISTS:
         values[name] = tuple(json.loads(values[name] or "[]"))
-    if values["usage"] is not None:
-        values["usage"] = json.loads(values["usage"])
+    for name in _OBJECTS:
+        if values[name] is not None:
+            values[name] = json.loads(values[name])
     return JobRecord(**values)
 
 
@@ -284,7 +287,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     updated_at REAL NOT NULL,
     api TEXT NOT NULL DEFAULT 'finetune',
     last_event TEXT,
-    validation_file_id TEXT
+    validation_file_id TEXT,
+    upload_progress TEXT
 );
 CREATE TABLE IF NOT EXISTS transitions (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -332,6 +336,7 @@ ALTER TABLE jobs ADD COLUMN training_started_at REAL;
 ALTER TABLE jobs ADD COLUMN api TEXT NOT NULL DEFAULT 'finetune';
 ALTER TABLE jobs ADD COLUMN last_event TEXT;
 ALTER TABLE jobs ADD COLUMN validation_file_id TEXT;
+ALTER TABLE jobs ADD COLUMN upload_progress TEXT;
 """,
 }
 
