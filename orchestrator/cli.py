@@ -533,29 +533,38 @@ def status(
             {**r.public(), **(lease.public() if (lease := leases.get(r.name)) else {})}
             for r in records
         ]
-        click.echo(redact(json.dumps(shown, indent=2)))
+        _emit(redact(json.dumps(shown, indent=2)))
         return
     if watch:
         _watch_status(state, patterns, where, manifest_filter)
         return
     waiting, leases = _run_async(lambda: _undelivered_and_leases(state))
-    click.echo(redact(_status_text(records, leases)))
+    out = [_status_text(records, leases)]
     if waiting:
         urls = sorted({event.url for event in waiting})
-        click.echo(
-            redact(
-                f"\n{_plural(len(waiting), 'notification')} not delivered yet, to "
-                + ", ".join(urls)
-                + " (a run or daemon with the secret delivers them)"
-            )
+        out.append(
+            f"\n{_plural(len(waiting), 'notification')} not delivered yet, to "
+            + ", ".join(urls)
+            + " (a run or daemon with the secret delivers them)"
         )
     if history:
         histories = _run_async(lambda: _histories(state, [r.name for r in records]))
         for name, transitions in histories.items():
-            click.echo(f"\n{name}:")
+            out.append(f"\n{name}:")
             for t in transitions:
                 line = f"  {iso_time(t.at)}  {t.old.value if t.old else '-'} -> {t.new.value}"
-                click.echo(redact(line + (f"  ({t.detail})" if t.detail else "")))
+                out.append(line + (f"  ({t.detail})" if t.detail else ""))
+    _emit(redact("\n".join(out)))
+
+
+def _emit(text: str) -> None:
+    """Print a large output whole. Written with ``os.write`` until every byte is out:
+    after the database's event loop has run, a write to a pipe a reader has not emptied
+    came back short and the rest was lost (seen with ``status --json`` of 300 jobs)."""
+    sys.stdout.flush()
+    data = (text + "\n").encode()
+    while data:
+        data = data[os.write(sys.stdout.fileno(), data) :]
 
 
 def _status_text(records: Sequence[JobRecord], leases: Mapping[str, Lease] | None = None) -> str:
@@ -646,7 +655,7 @@ def results(
     rows = [r.result() for r in records if r.state.terminal]
     redact = _redactor().text
     if output == "json":
-        click.echo(redact(json.dumps(rows, indent=2)))
+        _emit(redact(json.dumps(rows, indent=2)))
         return
     columns = list(rows[0]) if rows else list(JobRecord(name="", fingerprint="").result())
     if output == "csv":
@@ -654,11 +663,11 @@ def results(
         writer = csv.DictWriter(buffer, columns, lineterminator="\n")
         writer.writeheader()
         writer.writerows({k: _cell(v) for k, v in row.items()} for row in rows)
-        click.echo(redact(buffer.getvalue()), nl=False)
+        _emit(redact(buffer.getvalue()).removesuffix("\n"))
         return
     shown = ["name", "state", "provider", "base_model", "fine_tuned_model", "finished_at"]
     table = [[row[c] for c in shown] + [row["reason"] or _size_of(row)] for row in rows]
-    click.echo(redact(text_table([*shown, "reason / size"], table)))
+    _emit(redact(text_table([*shown, "reason / size"], table)))
 
 
 def _cell(value: Any) -> Any:
