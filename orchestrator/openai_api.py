@@ -108,19 +108,11 @@ class FineTuningClient(GatewayClient):
         self, filename: str, size: int, blocks: AsyncIterator[bytes], route: Route | None
     ) -> FileObject:
         """``POST /v1/files``, the file streamed in a multipart body of exact length."""
-        boundary = f"orchestrator-{os.urandom(12).hex()}"
-        head = (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\n'
-            f'fine-tune\r\n--{boundary}\r\nContent-Disposition: form-data; name="file"; '
-            f'filename="{filename}"\r\nContent-Type: application/jsonl\r\n\r\n'
-        ).encode()
-        tail = f"\r\n--{boundary}--\r\n".encode()
-        headers = {
-            **self.route_headers(route),
-            "Content-Type": f"multipart/form-data; boundary={boundary}",
-            "Content-Length": str(len(head) + size + len(tail)),
-        }
-        data = await self._call(UPLOAD_FILE, body=_framed(head, blocks, tail), headers=headers)
+        body, headers = _multipart(
+            "file", filename, "application/jsonl", size, blocks, {"purpose": "fine-tune"}
+        )
+        headers.update(self.route_headers(route))
+        data = await self._call(UPLOAD_FILE, body=body, headers=headers)
         return self._parse(UPLOAD_FILE, FileObject, data)
 
     async def find_file(
@@ -152,20 +144,9 @@ class FineTuningClient(GatewayClient):
     async def add_part(
         self, upload_id: str, size: int, blocks: AsyncIterator[bytes], route: Route | None
     ) -> UploadPart:
-        boundary = f"orchestrator-{os.urandom(12).hex()}"
-        head = (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="data"; '
-            f'filename="part"\r\nContent-Type: application/octet-stream\r\n\r\n'
-        ).encode()
-        tail = f"\r\n--{boundary}--\r\n".encode()
-        headers = {
-            **self.route_headers(route),
-            "Content-Type": f"multipart/form-data; boundary={boundary}",
-            "Content-Length": str(len(head) + size + len(tail)),
-        }
-        data = await self._call(
-            ADD_PART, upload_id, body=_framed(head, blocks, tail), headers=headers
-        )
+        body, headers = _multipart("data", "part", "application/octet-stream", size, blocks)
+        headers.update(self.route_headers(route))
+        data = await self._call(ADD_PART, upload_id, body=body, headers=headers)
         return self._parse(ADD_PART, UploadPart, data)
 
     async def complete_upload(
@@ -240,6 +221,34 @@ class FineTuningClient(GatewayClient):
         """A bare JSON object is the answer (a job's ``error`` is one of its fields);
         anything else with a 2xx is unreadable."""
         return payload if isinstance(payload, dict) else None
+
+
+def _multipart(
+    name: str,
+    filename: str,
+    content_type: str,
+    size: int,
+    blocks: AsyncIterator[bytes],
+    fields: Mapping[str, str] | None = None,
+) -> tuple[AsyncIterator[bytes], dict[str, str]]:
+    """A multipart/form-data body streaming ``size`` bytes of ``blocks`` as the file
+    field ``name`` (after any plain ``fields``), and its headers: its exact length is
+    known, so it never goes out chunked."""
+    boundary = f"orchestrator-{os.urandom(12).hex()}"
+    head = "".join(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{key}"\r\n\r\n{value}\r\n'
+        for key, value in (fields or {}).items()
+    )
+    head += (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+        f'filename="{filename}"\r\nContent-Type: {content_type}\r\n\r\n'
+    )
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    headers = {
+        "Content-Type": f"multipart/form-data; boundary={boundary}",
+        "Content-Length": str(len(head.encode()) + size + len(tail)),
+    }
+    return _framed(head.encode(), blocks, tail), headers
 
 
 async def _framed(head: bytes, blocks: AsyncIterator[bytes], tail: bytes) -> AsyncIterator[bytes]:
