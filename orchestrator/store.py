@@ -21,6 +21,7 @@ import os
 import sqlite3
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, fields, replace
@@ -418,14 +419,42 @@ class GroupCommit:
             raise LeaseLost(f"{item.record.name}: another worker holds its lease")
 
 
-class SqliteStore:
+class OneOwner(ABC):
+    """The lease half of ``CheckpointStore`` for a store one process owns whole: every
+    job is this process's, nothing is fenced, nothing needs renewing, and one process
+    delivers the outbox."""
+
+    shared = False
+    lease_ttl = math.inf
+
+    async def renew(self) -> set[str]:
+        return set()
+
+    async def release(self, names: Iterable[str] | None = None) -> None:
+        return None  # nothing to give back: the owner's lock goes when the store closes
+
+    async def leases(self) -> dict[str, Lease]:
+        return {}
+
+    def holds(self, name: str) -> bool:
+        return True
+
+    async def wait_for_cancels(self, timeout: float) -> None:
+        await anyio.sleep(timeout)  # no notifications: the caller polls
+
+    @abstractmethod
+    async def due_events(self, now: float, limit: int, since: float = 0.0) -> list[OutboxEvent]: ...
+
+    async def claim_events(self, limit: int) -> list[OutboxEvent]:
+        return await self.due_events(time.time(), limit)
+
+
+class SqliteStore(OneOwner):
     """SQLite in WAL mode. One connection, used from one worker thread at a time.
 
     One process owns the file (``OwnerLock``): its leases are the whole file's, so a
     claim is all or nothing and nothing is fenced (``shared`` is False).
     """
-
-    shared = False
 
     def __init__(
         self, path: Path, linger: float = 0.005, *, owner: OwnerLock | None = None
@@ -710,8 +739,6 @@ class SqliteStore:
 
     # ----------------------------------------------- one owner: leases are the file's
 
-    lease_ttl = math.inf
-
     async def claim(self, names: Sequence[str], limit: int | None = None) -> dict[str, JobRecord]:
         if not self.owner.held:
             try:
@@ -720,30 +747,10 @@ class SqliteStore:
                 return {}  # another process owns the file, and so every job in it
         return await self.load(names)
 
-    async def renew(self) -> set[str]:
-        return set()
 
-    async def release(self, names: Iterable[str] | None = None) -> None:
-        pass  # the file's lock goes when the store closes
-
-    async def leases(self) -> dict[str, Lease]:
-        return {}
-
-    def holds(self, name: str) -> bool:
-        return True  # the whole file is this process's
-
-    async def wait_for_cancels(self, timeout: float) -> None:
-        await anyio.sleep(timeout)
-
-    async def claim_events(self, limit: int) -> list[OutboxEvent]:
-        return await self.due_events(time.time(), limit)
-
-
-class MemoryStore:
+class MemoryStore(OneOwner):
     """The same contract in memory, for unit tests of the lifecycle."""
 
-    shared = False
-    lease_ttl = math.inf
     schema = (SCHEMA_VERSION, SCHEMA_VERSION)
 
     def __init__(self) -> None:
@@ -836,24 +843,6 @@ class MemoryStore:
 
     async def claim(self, names: Sequence[str], limit: int | None = None) -> dict[str, JobRecord]:
         return await self.load(names)
-
-    async def renew(self) -> set[str]:
-        return set()
-
-    async def release(self, names: Iterable[str] | None = None) -> None:
-        pass
-
-    async def leases(self) -> dict[str, Lease]:
-        return {}
-
-    def holds(self, name: str) -> bool:
-        return True
-
-    async def wait_for_cancels(self, timeout: float) -> None:
-        await anyio.sleep(timeout)
-
-    async def claim_events(self, limit: int) -> list[OutboxEvent]:
-        return await self.due_events(time.time(), limit)
 
     async def aclose(self) -> None:
         pass
