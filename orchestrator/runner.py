@@ -102,13 +102,21 @@ async def check_gateway(client: GatewayClient) -> None:
         raise InputError(f"gateway {where}: {exc.message}") from None
 
 
-async def preflight(gateway: Gateway, settings: EngineSettings, apis: Iterable[str]) -> None:
-    """``check_gateway`` for each dialect used, with clients of their own, before anything
-    is opened or stored."""
+async def check_dialects(
+    apis: Iterable[str], client: GatewayClient, jobs: FineTuningClient
+) -> None:
+    """``check_gateway`` once for each API dialect the jobs use."""
     for api in sorted(set(apis)):
-        make = gateway.jobs_client if api == "fine_tuning" else gateway.client
-        async with make(settings.client) as client:
-            await check_gateway(client)
+        await check_gateway(jobs if api == "fine_tuning" else client)
+
+
+async def preflight(gateway: Gateway, settings: EngineSettings, apis: Iterable[str]) -> None:
+    """``check_dialects`` with clients of their own, before anything is opened or stored."""
+    async with (
+        gateway.client(settings.client) as client,
+        gateway.jobs_client(settings.client) as jobs,
+    ):
+        await check_dialects(apis, client, jobs)
 
 
 @asynccontextmanager
@@ -134,8 +142,7 @@ async def open_engine(
         storage_client(settings.upload) as storage,
     ):
         if preflight:
-            for api in sorted(set(apis)):
-                await check_gateway(jobs if api == "fine_tuning" else client)
+            await check_dialects(apis, client, jobs)
         lc = Lifecycle(
             client=client,
             jobs=jobs,

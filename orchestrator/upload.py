@@ -10,7 +10,6 @@ ask for a fresh dataset.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import random
 import re
@@ -94,9 +93,7 @@ class FileBody:
     """Exactly ``size`` bytes of a file as an async iterator, hashing as it reads.
 
     Each block is read and hashed in one worker-thread hop, so the event loop never
-    spends milliseconds on MD5, and a 1 GiB file costs a few hundred hops. The next
-    block's hop runs while this one is sent: hashing (which releases the GIL) overlaps
-    the network instead of taking turns with it.
+    spends milliseconds on MD5 and a 1 GiB file costs a few hundred hops.
     """
 
     def __init__(
@@ -122,29 +119,17 @@ class FileBody:
         return data
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        # A future, not a task: the hop needs no cancelling, only its result or, when
-        # the send was cut, to be left to finish (its error is then of no interest).
-        loop = asyncio.get_running_loop()
         remaining = self._size
-        ahead = loop.run_in_executor(None, self._read, min(self._block, remaining))
-        try:
-            while remaining:
-                data = await asyncio.shield(ahead)  # a cut send leaves it to finish
-                if not data:
-                    raise UploadError("the dataset file shrank while it was being uploaded")
-                remaining -= len(data)
-                if remaining:
-                    ahead = loop.run_in_executor(None, self._read, min(self._block, remaining))
-                self.sent += len(data)
-                if self._progress:
-                    self._progress(len(data))
-                self.on_block()
-                yield data
-        finally:
-            if not ahead.done():
-                ahead.add_done_callback(lambda done: done.exception())
-                with anyio.CancelScope(shield=True):
-                    await asyncio.wait([ahead])  # the handle is closed only after this read
+        while remaining:
+            data = await anyio.to_thread.run_sync(self._read, min(self._block, remaining))
+            if not data:
+                raise UploadError("the dataset file shrank while it was being uploaded")
+            remaining -= len(data)
+            self.sent += len(data)
+            if self._progress:
+                self._progress(len(data))
+            self.on_block()
+            yield data
 
 
 def _size_and_small_body(path: Path, block: int) -> tuple[int, tuple[bytes, str, str] | None]:
